@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command of the README and of CI: set up (system library, venv), then pytest.
+# Offline and CPU only: every model and data set the tests use is made by the tests.
+set -euo pipefail
+cd "$(dirname "$0")"
+source ./setup.sh
+set -euo pipefail
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_VISIBLE_DEVICES=""
+python -m pytest -q "$@" tests
