@@ -162,8 +162,106 @@ def load_reid_dataset(root, test_root=None, extra_train=(), name=None, check_siz
 
 # -----------------------------------------------------------------------------
 # 5. Condition maps (depth / normal / skeleton): encoding and file names
+# The encoding is defined here ONCE (DESIGN.md 3): 01_render_smpl.py writes maps with it,
+# 02/03 read them with load_conditions(). All three maps come from one camera, so their
+# silhouettes coincide.
+#   depth:    8-bit grey. On the body 1 - minmax(z) (near = bright), mapped to 1..255 so that
+#             the farthest body pixel stays apart from the background (0).
+#   normal:   8-bit RGB, OpenGL camera-space unit normal (x right, y up, z towards the viewer),
+#             round(255 * (0.5 n + 0.5)); background 0 (no unit normal encodes to (0,0,0)).
+#   skeleton: 8-bit RGB on black, OpenPose-18 body keypoints drawn like ControlNet's OpenPose
+#             annotator: 17 limbs in the standard palette at 60% intensity, then the joints as
+#             dots at full colour. Body joints are always drawn (OpenPose also guesses hidden
+#             limbs); the face points (nose, eyes, ears) only when visible, because they are
+#             what tells front from back. A keypoint with visible=False is left out.
+# Files: <folder>/<stem>.<kind>.png, <stem> = image name without extension (or a target id).
 
-# (01 issue)
+COND_KINDS = ("depth", "normal", "skeleton")
+COND_CHANNELS = {"depth": 1, "normal": 3, "skeleton": 3}
+OPENPOSE18 = ("nose", "neck", "r_shoulder", "r_elbow", "r_wrist", "l_shoulder", "l_elbow", "l_wrist",
+              "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "r_eye", "l_eye", "r_ear", "l_ear")
+OPENPOSE_FACE = (0, 14, 15, 16, 17)
+OPENPOSE_LIMBS = ((1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11),
+                  (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17))
+OPENPOSE_COLORS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
+                   (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
+                   (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
+
+
+def cond_path(folder, stem, kind):
+    return os.path.join(folder, f"{stem}.{kind}.png")
+
+
+def encode_depth(z, mask):
+    """z: HxW distance along the camera axis (any sign convention where larger = farther),
+    mask: HxW bool body pixels -> HxW uint8."""
+    out = np.zeros(z.shape, np.uint8)
+    if mask.any():
+        zb = z[mask]
+        lo, hi = zb.min(), zb.max()
+        d = 1.0 - (zb - lo) / max(hi - lo, 1e-8)  # near = 1, far = 0
+        out[mask] = np.round(1 + 254 * d).astype(np.uint8)
+    return out
+
+
+def encode_normal(n, mask):
+    """n: HxWx3 OpenGL camera-space normals, mask: HxW bool -> HxWx3 uint8."""
+    n = n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-8)
+    out = np.round(255 * (0.5 * np.clip(n, -1, 1) + 0.5)).astype(np.uint8)
+    out[~mask] = 0
+    return out
+
+
+def decode_normal(img):
+    """HxWx3 uint8 normal map -> (HxWx3 float unit normals, HxW bool mask)."""
+    mask = img.max(axis=-1) > 0
+    n = img.astype(np.float32) / 127.5 - 1.0
+    n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-8)
+    return n * mask[..., None], mask
+
+
+def skeleton_width(height):
+    """Limb width in pixels for an image of this height (ControlNet: 8 px at 512)."""
+    return max(2, int(round(height / 48)))
+
+
+def draw_skeleton(kp, visible, height, width):
+    """kp: 18x2 pixel coordinates (x right, y down) in OpenPose-18 order, visible: 18 bools
+    -> HxWx3 uint8 skeleton map."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(img)
+    w = skeleton_width(height)
+    for i, (a, b) in enumerate(OPENPOSE_LIMBS):
+        if visible[a] and visible[b]:
+            c = tuple(int(0.6 * v) for v in OPENPOSE_COLORS[i])
+            draw.line([tuple(map(float, kp[a])), tuple(map(float, kp[b]))], fill=c, width=w)
+    r = w / 2 + 0.5
+    for i in range(18):
+        if visible[i]:
+            x, y = float(kp[i][0]), float(kp[i][1])
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=OPENPOSE_COLORS[i])
+    return np.asarray(img)
+
+
+def load_conditions(folder, stem, size=None):
+    """-> {kind: float32 tensor (C, H, W) in [0, 1]} for depth (C=1), normal, skeleton (C=3).
+    size: (height, width) to resize to (bilinear), None keeps the stored size."""
+    import torch
+    from PIL import Image
+    out = {}
+    for kind in COND_KINDS:
+        p = cond_path(folder, stem, kind)
+        if not os.path.exists(p):
+            raise UserError(f"condition map '{p}' is missing: make it with "
+                            f"'python 01_render_smpl.py conditions' (or 'targets')")
+        img = Image.open(p).convert("L" if kind == "depth" else "RGB")
+        if size is not None and img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        a = np.asarray(img, dtype=np.float32) / 255.0
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        out[kind] = torch.from_numpy(np.ascontiguousarray(a))
+    return out
 
 # -----------------------------------------------------------------------------
 # 6. Generator pieces: reference attention, pose guiders
