@@ -153,12 +153,192 @@ def load_reid_dataset(root, test_root=None, extra_train=(), name=None, check_siz
 # -----------------------------------------------------------------------------
 # 3. Re-ID training pieces: PK sampler, batch-hard triplet loss
 
-# (foundation issue)
+def check_images(items, what="images"):
+    """Decode every image once; corrupt or unreadable files are dropped with a warning naming
+    them, so that training never dies on image 9,000 of an epoch. Returns (kept, num_bad)."""
+    from PIL import Image
+    from tqdm import tqdm
+    kept, bad = [], 0
+    for it in tqdm(items, desc=f"checking {what}", leave=False, mininterval=1.0):
+        try:
+            with Image.open(it[0]) as im:
+                im.load()
+            kept.append(it)
+        except Exception as e:
+            bad += 1
+            warnings.warn(f"skipping unreadable image '{it[0]}' ({type(e).__name__}: {e})")
+    if not kept:
+        raise UserError(f"none of the {len(items)} {what} could be read")
+    return kept, bad
+
+
+class PKSampler:
+    """Batches of P distinct identities x K images, with torchreid's RandomIdentitySampler
+    semantics: per identity, shuffle its images (drawn with replacement up to K when it has
+    fewer), cut them into chunks of K, and draw P identities that still have chunks per batch.
+    One difference on purpose: identities not yet drawn this epoch are drawn first, so every
+    identity appears in every epoch (torchreid can drop the last few).
+    Batches are a pure function of (seed, epoch): resuming at iteration i just skips i batches.
+    With world_size > 1 (DDP), each batch's P identities are split across ranks, so every rank
+    sees whole identities (all K images), as the batch-hard triplet loss needs."""
+
+    def __init__(self, labels, P, K, seed=0, rank=0, world_size=1):
+        labels = np.asarray(labels)
+        self.by_pid = {int(p): np.flatnonzero(labels == p) for p in np.unique(labels)}
+        if len(self.by_pid) < P:
+            raise UserError(f"a PK batch needs P={P} identities but the train split has only {len(self.by_pid)}: lower --P")
+        if P % world_size:
+            raise UserError(f"P={P} identities per batch cannot be split evenly over {world_size} processes")
+        self.P, self.K, self.seed, self.rank, self.world_size = P, K, seed, rank, world_size
+
+    def epoch(self, e):
+        rng = np.random.default_rng([self.seed, e])
+        chunks = {}
+        for pid, idx in self.by_pid.items():
+            idx = rng.choice(idx, size=self.K, replace=True) if len(idx) < self.K else rng.permutation(idx)
+            chunks[pid] = [idx[i:i + self.K] for i in range(0, len(idx) - self.K + 1, self.K)]
+        unused, batches = set(chunks), []
+        while unused:
+            avail = sorted(p for p in chunks if chunks[p])
+            fresh = sorted(unused)
+            if len(avail) < self.P:  # last batch of the epoch: fill it with fresh chunks of drawn ids
+                others = sorted(set(self.by_pid) - unused)
+                pids = fresh + list(rng.choice(others, self.P - len(fresh), replace=False))
+                for p in pids:
+                    if not chunks[p]:
+                        chunks[p] = [rng.choice(self.by_pid[p], size=self.K, replace=len(self.by_pid[p]) < self.K)]
+            elif len(fresh) >= self.P:
+                pids = list(rng.choice(fresh, self.P, replace=False))
+            else:
+                rest = sorted(set(avail) - unused)
+                pids = fresh + list(rng.choice(rest, self.P - len(fresh), replace=False))
+            batches.append([int(i) for p in pids for i in chunks[p].pop(0)])
+            unused -= set(pids)
+        while True:  # then torchreid's rule until fewer than P identities have chunks left
+            avail = sorted(p for p in chunks if chunks[p])
+            if len(avail) < self.P:
+                break
+            pids = rng.choice(avail, self.P, replace=False)
+            batches.append([int(i) for p in pids for i in chunks[p].pop(0)])
+        per_rank = self.P // self.world_size * self.K
+        return [b[self.rank * per_rank:(self.rank + 1) * per_rank] for b in batches]
+
+    def iterate(self, start=0):
+        """Endless stream of batches over epochs, starting at global batch number `start`."""
+        e = 0
+        while True:
+            batches = self.epoch(e)
+            if start < len(batches):
+                yield from batches[start:]
+                start = 0
+            else:
+                start -= len(batches)
+            e += 1
+
+
+def pairwise_euclidean(x, y):
+    """Euclidean distances between rows of x and rows of y (torch), clamped before the sqrt so
+    the gradient stays finite when two features coincide."""
+    d2 = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None] - 2 * x @ y.t()
+    return d2.clamp_min(1e-12).sqrt()
+
+
+def triplet_loss(features, labels, margin=0.5):
+    """Batch-hard triplet loss (Hermans et al. 2017; the paper's margin 0.5): for each anchor,
+    the farthest positive and the nearest negative in the batch, hinge on their difference."""
+    import torch
+    d = pairwise_euclidean(features, features)
+    same = labels[:, None] == labels[None, :]
+    hardest_pos = d.masked_fill(~same, float("-inf")).amax(1)
+    hardest_neg = d.masked_fill(same, float("inf")).amin(1)
+    return torch.relu(hardest_pos - hardest_neg + margin).mean()
 
 # -----------------------------------------------------------------------------
 # 4. Market-1501 evaluation protocol
+# Semantics of torchreid's eval_market1501 (shared by every toolkit): for each query, gallery
+# items with the same pid AND the same camera are removed; the gallery is ranked by distance
+# with a STABLE sort (ties keep gallery order); a query with no remaining match is skipped and
+# counted; AP is the mean over positives of the precision at each positive; CMC is cut at
+# max_rank; mINP = (number of positives) / (rank of the last positive).
+# Speed: instead of argsorting whole rows and gathering pids/cams (torchreid), each row's
+# distances are turned into unique integer keys (order-preserving float bits << 32 | gallery
+# index) and sorted; the few same-pid items of a query are then located in the sorted row by
+# binary search. Memory is O(chunk x gallery).
 
-# (foundation issue)
+def _sortable_keys(d, cols):
+    """float32 distances -> uint64 keys whose plain order is (distance, gallery index) order:
+    the IEEE bits of a float are made monotone (flip all bits of negatives, the sign bit of
+    the rest) and the gallery index fills the low 32 bits, so keys are unique and a fast
+    unstable sort gives exactly the stable argsort."""
+    u = d.view(np.uint32)
+    u = np.where(u >> 31, ~u, u | np.uint32(0x80000000)).astype(np.uint64)
+    return (u << np.uint64(32)) | cols.astype(np.uint64)
+
+
+def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, chunk=128):
+    """distmat (num_query, num_gallery), numpy; pids and camids numpy int arrays.
+    Returns dict(mAP, mINP, cmc (length min(max_rank, num_gallery)), num_valid_queries,
+    num_skipped_queries). float32 distances take the fast path; other dtypes are ranked with
+    numpy's stable argsort (same result, slower)."""
+    distmat = np.asarray(distmat)
+    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
+    q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
+    num_q, num_g = distmat.shape
+    if num_q != len(q_pids) or num_g != len(g_pids):
+        raise ValueError(f"distmat is {distmat.shape} but there are {len(q_pids)} query / {len(g_pids)} gallery ids")
+    if np.isnan(distmat).any():
+        raise ValueError("distmat contains NaN")
+    max_rank = min(max_rank, num_g)
+    fast = distmat.dtype == np.float32 and num_g < 2 ** 32
+    g_index = np.arange(num_g)
+    first_hit, aps, inps = [], [], []
+    for s in range(0, num_q, chunk):
+        d = np.ascontiguousarray(distmat[s:s + chunk])
+        qp, qc = q_pids[s:s + chunk], q_camids[s:s + chunk]
+        # same-pid gallery items of each query (the positives plus the same-camera ones that the
+        # protocol removes): a handful per row, so everything after the sort is sparse
+        rows, cols = np.nonzero(qp[:, None] == g_pids[None, :])
+        if fast:
+            keys = _sortable_keys(d, g_index[None, :])
+            keys.sort(axis=1)
+            item_keys = _sortable_keys(d[rows, cols], cols)
+            pos = np.empty(len(rows), dtype=np.int64)
+            bounds = np.searchsorted(rows, np.arange(len(d) + 1))
+            for r in range(len(d)):
+                a, b = bounds[r], bounds[r + 1]
+                if a < b:
+                    pos[a:b] = np.searchsorted(keys[r], item_keys[a:b])
+        else:
+            order = np.argsort(d, axis=1, kind="stable")
+            rank_of = np.empty_like(order)
+            np.put_along_axis(rank_of, order, np.arange(num_g)[None, :].repeat(len(d), 0), axis=1)
+            pos = rank_of[rows, cols]
+        # walk each row's same-pid items in rank order: removed items shift later ranks up by one
+        o = np.lexsort((pos, rows))
+        rows, pos, removed = rows[o], pos[o], (g_camids[cols[o]] == qc[rows[o]])
+        removed_before = np.cumsum(removed) - removed      # exclusive count over all rows...
+        removed_before -= removed_before[np.searchsorted(rows, rows)]  # ...made per row
+        keep = ~removed
+        rank = (pos - removed_before)[keep] + 1            # 1-based rank among the kept gallery
+        rrows = rows[keep]
+        hit_no = np.arange(len(rrows)) - np.searchsorted(rrows, rrows) + 1  # k-th positive of its row
+        n_pos = np.bincount(rrows, minlength=len(d))
+        valid = n_pos > 0
+        prec_sum = np.bincount(rrows, weights=hit_no / rank, minlength=len(d))
+        last = np.zeros(len(d), dtype=np.int64)
+        np.maximum.at(last, rrows, rank)
+        first = np.full(len(d), np.iinfo(np.int64).max)
+        np.minimum.at(first, rrows, rank)
+        first_hit.append(first[valid])
+        aps.append(prec_sum[valid] / n_pos[valid])
+        inps.append(n_pos[valid] / last[valid])
+    first_hit, aps, inps = np.concatenate(first_hit), np.concatenate(aps), np.concatenate(inps)
+    num_valid = len(aps)
+    if num_valid == 0:
+        raise ValueError("no query has a match in the gallery from another camera")
+    cmc = (first_hit[:, None] <= np.arange(1, max_rank + 1)[None, :]).mean(0)
+    return dict(mAP=float(aps.mean()), mINP=float(inps.mean()), cmc=cmc,
+                num_valid_queries=int(num_valid), num_skipped_queries=int(num_q - num_valid))
 
 # -----------------------------------------------------------------------------
 # 5. Condition maps (depth / normal / skeleton): encoding and file names
