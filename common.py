@@ -236,6 +236,70 @@ class PKSampler:
             e += 1
 
 
+def build_reid_model(arch, num_classes, weights=None):
+    """torchvision ResNet trunk -> global average pool -> feature (2048-d for resnet50, the
+    paper's triplet feature) -> linear classifier (cross-entropy). No BNNeck: the paper uses
+    the pooled feature for both losses. weights: None, 'imagenet' (torchvision download), or a
+    path to a torchvision state dict for the trunk."""
+    import torch
+    import torchvision
+
+    if not hasattr(torchvision.models, arch):
+        raise UserError(f"unknown --arch '{arch}': use a torchvision ResNet such as resnet50, resnet18")
+    trunk = getattr(torchvision.models, arch)(weights=None)
+    if weights == "imagenet":
+        url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+        try:
+            state = torch.hub.load_state_dict_from_url(url, progress=False)
+        except Exception as e:
+            raise UserError(f"cannot download ImageNet weights for {arch} from {url} ({type(e).__name__}); "
+                            f"on a machine without internet download that file elsewhere and pass "
+                            f"--backbone-weights PATH, or use --backbone-weights none")
+        trunk.load_state_dict(state)
+    elif weights not in (None, "none"):
+        if not os.path.isfile(weights):
+            raise UserError(f"backbone weights file '{weights}' does not exist")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        missing, _ = trunk.load_state_dict(state, strict=False)
+        if [k for k in missing if not k.startswith("fc.")]:
+            raise UserError(f"'{weights}' is not a torchvision {arch} state dict (missing {missing[:3]} ...)")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feat_dim = trunk.fc.in_features
+            trunk.fc = torch.nn.Identity()  # trunk(x) is now the globally pooled feature
+            self.backbone = trunk
+            self.classifier = torch.nn.Linear(self.feat_dim, num_classes)
+
+        def forward(self, x):
+            f = self.backbone(x)
+            return f, self.classifier(f)
+
+    return Net()
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageDataset:
+    """Map-style data set over [(path, label, camid)] for torch's DataLoader (which needs only
+    __len__ and __getitem__): returns (transform(RGB image), label, camid)."""
+
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, label, camid = self.items[i]
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+        return self.transform(img), label, camid
+
+
 def pairwise_euclidean(x, y):
     """Euclidean distances between rows of x and rows of y (torch), clamped before the sqrt so
     the gradient stays finite when two features coincide."""
@@ -445,5 +509,335 @@ def load_conditions(folder, stem, size=None):
 
 # -----------------------------------------------------------------------------
 # 6. Generator pieces: reference attention, pose guiders
+# The generator of the paper (section 3.4, Figure 4; DESIGN.md 5): a reference U-Net and a
+# denoising U-Net of identical config, pose guiders, frozen VAE and CLIP image encoder.
+# 02_train_generator.py trains it, 03_generate.py samples from it; both use what is here.
+import math
+import shutil
+import functools
 
-# (generator issue)
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REF_KEY = "diffid_reference"       # key in cross_attention_kwargs that carries the reference context
+GUIDER_WIDTHS = (16, 32, 96, 256)  # pose guider widths, as in the paper's relatives (AnimateAnyone)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SD-1.5's noise schedule: the default for a generator built from scratch. A pretrained folder's
+# own scheduler/ wins. 02 saves the schedule it trained with; 03 samples with that same config.
+SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                     beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
+                     set_alpha_to_one=False, steps_offset=1)
+
+
+def _reference_hook(name, module, args, kwargs):
+    """Forward pre-hook on attn1 (self-attention) of every BasicTransformerBlock of both U-Nets.
+    The context rides in cross_attention_kwargs, so it arrives with the call that uses it, and
+    gradient checkpointing's recomputation during backward sees the same context as the forward
+    (state set on a module around a call is gone by then). Contexts:
+      {"write": bank}: reference U-Net: store attn1's input under this block's qualified name.
+      {"read": bank, "index": idx, "null": mask or None}: denoising U-Net: keys/values from
+         concat([h, bank[name][idx]], tokens), queries from h only, so the output keeps h's
+         tokens (the paper's "first half"). Rows with idx -1 (the null condition) get their
+         reference tokens masked out: their attention is exactly over h.
+    No context: plain self-attention, the U-Net is untouched."""
+    ctx = kwargs.pop(REF_KEY, None)
+    if ctx is None:
+        return args, kwargs
+    h = args[0] if args else kwargs["hidden_states"]
+    if "write" in ctx:
+        ctx["write"][name] = h
+        return args, kwargs
+    if kwargs.get("encoder_hidden_states") is not None or kwargs.get("attention_mask") is not None:
+        raise RuntimeError(f"reference attention: {name}.attn1 already has a context or mask")
+    ref = ctx["read"][name].to(h.dtype)[ctx["index"].clamp(min=0)]
+    kwargs["encoder_hidden_states"] = torch.cat([h, ref], dim=1)
+    if ctx["null"] is not None:
+        mask = h.new_zeros(h.shape[0], 1, h.shape[1] + ref.shape[1])
+        mask[ctx["null"], :, h.shape[1]:] = float("-inf")
+        kwargs["attention_mask"] = mask
+    return args, kwargs
+
+
+def _drop_reference_kwarg(module, args, kwargs):
+    # attn2 receives the same cross_attention_kwargs; the processor would warn about the key
+    kwargs.pop(REF_KEY, None)
+    return args, kwargs
+
+
+def attach_reference_attention(reference_unet, denoising_unet):
+    """Hook every BasicTransformerBlock's attn1 of both U-Nets. Blocks are paired by qualified
+    name (e.g. 'down_blocks.1.attentions.0.transformer_blocks.0'), never by width or order of
+    calls: two blocks of one width exist at several depths. Returns the block names."""
+    from diffusers.models.attention import BasicTransformerBlock
+    def blocks(unet):
+        return [n for n, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)]
+    names = blocks(reference_unet)
+    if not names or names != blocks(denoising_unet):
+        raise ValueError("reference and denoising U-Net must have the same config with attention blocks")
+    for unet in (reference_unet, denoising_unet):
+        if getattr(unet, "_diffid_hooked", False):
+            raise ValueError("reference attention hooks are already attached to this U-Net")
+        unet._diffid_hooked = True
+        for n in names:
+            block = unet.get_submodule(n)
+            block.attn1.register_forward_pre_hook(functools.partial(_reference_hook, n), with_kwargs=True)
+            if block.attn2 is not None:
+                block.attn2.register_forward_pre_hook(_drop_reference_kwarg, with_kwargs=True)
+    return names
+
+
+class PoseGuider(nn.Module):
+    """One condition map -> features at latent resolution. Conv 3x3 -> 16 + SiLU, then per level
+    a stride-1 and a stride-2 conv (widths GUIDER_WIDTHS), `levels` = log2 of the VAE factor,
+    then ONE zero-initialised conv: the generator starts as the plain U-Net, and the zero conv
+    still gets a gradient because its input is not zero (two zero layers in series would not)."""
+
+    def __init__(self, in_channels, out_channels, levels, widths=GUIDER_WIDTHS):
+        super().__init__()
+        w = [widths[min(i, len(widths) - 1)] for i in range(levels + 1)]
+        layers = [nn.Conv2d(in_channels, w[0], 3, padding=1), nn.SiLU()]
+        for a, b in zip(w[:-1], w[1:]):
+            layers += [nn.Conv2d(a, a, 3, padding=1), nn.SiLU(), nn.Conv2d(a, b, 3, padding=1, stride=2), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(w[-1], out_channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        return self.out(self.body(x))
+
+
+def build_guiders(conv_in_channels, vae_factor, widths=GUIDER_WIDTHS):
+    """One guider per condition; output widths split conv_in's output channels (320 for SD-1.5)
+    so that their concatenation can be added to the projected noisy latent."""
+    levels = int(round(math.log2(vae_factor)))
+    if 2 ** levels != vae_factor:
+        raise ValueError(f"VAE downsampling factor {vae_factor} is not a power of 2")
+    k = len(COND_KINDS)
+    outs = [conv_in_channels // k + (i < conv_in_channels % k) for i in range(k)]
+    return nn.ModuleDict({kind: PoseGuider(COND_CHANNELS[kind], o, levels, widths)
+                          for kind, o in zip(COND_KINDS, outs)})
+
+
+def null_condition(emb, index, drop):
+    """THE null condition, shared by training (dropout, p=0.1) and sampling (the unconditional
+    branch of classifier-free guidance): no reference (index -1) AND a zero CLIP embedding,
+    dropped together. Pose maps stay in both branches."""
+    emb = torch.where(drop[:, None, None], torch.zeros_like(emb), emb)
+    index = torch.where(drop, torch.full_like(index, -1), index)
+    return emb, index
+
+
+class Generator(nn.Module):
+    """Everything that trains: reference U-Net, denoising U-Net, pose guiders."""
+
+    def __init__(self, reference_unet, denoising_unet, guiders):
+        super().__init__()
+        self.reference_unet, self.denoising_unet, self.guiders = reference_unet, denoising_unet, guiders
+        self.block_names = attach_reference_attention(reference_unet, denoising_unet)
+        self._pose = None
+        # pose features are added to conv_in's OUTPUT (the projected noisy latent, paper 3.4);
+        # conv_in is never inside a checkpointed segment, so state set around the call is safe
+        denoising_unet.conv_in.register_forward_hook(self._add_pose)
+
+    def _add_pose(self, module, args, out):
+        return out if self._pose is None else out + self._pose.to(out.dtype)
+
+    def reference(self, latents, emb):
+        """Reference U-Net on clean reference latents at t = 0 -> bank {block name: attn1 input}.
+        A fresh bank every call: nothing from an earlier reference or micro-batch can leak in."""
+        bank = {}
+        t = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
+        self.reference_unet(latents, t, encoder_hidden_states=emb, cross_attention_kwargs={REF_KEY: {"write": bank}})
+        return bank
+
+    def pose(self, conds):
+        """{kind: (B, C, H, W) maps in [0, 1]} -> (B, conv_in channels, h, w)."""
+        return torch.cat([self.guiders[k](conds[k]) for k in COND_KINDS], dim=1)
+
+    def denoise(self, noisy, t, emb, pose, bank=None, index=None):
+        """Denoising U-Net prediction. bank=None: no reference attention at all; else row i
+        attends to reference index[i] of the bank (-1: none)."""
+        kw = None
+        if bank is not None:
+            null = index < 0
+            kw = {REF_KEY: {"read": bank, "index": index, "null": null if bool(null.any()) else None}}
+        self._pose = pose
+        try:
+            return self.denoising_unet(noisy, t, encoder_hidden_states=emb, cross_attention_kwargs=kw).sample
+        finally:
+            self._pose = None
+
+    def forward(self, noisy, t, emb, conds, ref_latents, ref_emb, index):
+        """One training prediction in one call (what DDP wraps)."""
+        return self.denoise(noisy, t, emb, self.pose(conds), self.reference(ref_latents, ref_emb), index)
+
+
+def vae_factor(vae):
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode_latents(vae, images):
+    """images (B, 3, H, W) in [-1, 1] -> scaled latents (the posterior mean: deterministic)."""
+    z = vae.encode(images.to(vae.dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae, z):
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
+def clip_embed(image_encoder, images):
+    """images (B, 3, H, W) in [-1, 1] -> (B, 1, D) image_embeds, the cross-attention context of
+    both U-Nets. The whole crop is resized to the encoder's square input (CLIP's own
+    preprocessing centre-crops the short side, which cuts head and feet off a person crop)."""
+    s = image_encoder.config.image_size
+    x = F.interpolate((images.float() + 1) / 2, size=(s, s), mode="bicubic", align_corners=False, antialias=True)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return image_encoder(pixel_values=((x - mean) / std).to(image_encoder.dtype)).image_embeds[:, None]
+
+
+@torch.no_grad()
+def sample_latents(gen, scheduler, noise, emb, pose, bank, index, steps=25, guidance=3.5, reference_fn=None):
+    """DDIM + classifier-free guidance. noise (B, 4, h, w); emb (B, 1, D) CLIP embedding of each
+    row's reference; pose (B, C, h, w) guider features (computed once, reused every step); bank +
+    index: reference features (computed ONCE per reference by the caller) and which one each row
+    uses. The unconditional branch is null_condition(): the training null exactly.
+    reference_fn: benchmark only, recomputes the bank every step (the uncached baseline)."""
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    cfg = guidance != 1.0
+    if cfg:  # [uncond rows; cond rows] in one batch
+        emb_u, index_u = null_condition(emb, index, torch.ones_like(index, dtype=torch.bool))
+        emb, index, pose = torch.cat([emb_u, emb]), torch.cat([index_u, index]), torch.cat([pose, pose])
+    for t in scheduler.timesteps:
+        if reference_fn is not None:
+            bank = reference_fn()
+        xin = scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
+        eps = gen.denoise(xin, t, emb, pose, bank, index)
+        if cfg:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        x = scheduler.step(eps.float(), t, x).prev_sample
+    return x
+
+
+def to_uint8(images):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def load_image_tensor(path, size):
+    """Image file -> (3, H, W) float in [-1, 1] at size (height, width)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.BICUBIC)
+        a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(a.transpose(2, 0, 1).copy())
+
+
+def save_pretrained_atomic(model, folder):
+    """save_pretrained into a temp dir beside `folder`, then swap it in: an interrupted save never
+    leaves a half-written model folder behind (the old one stays until the new one is complete)."""
+    folder = os.path.abspath(folder)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp_")
+    try:
+        model.save_pretrained(tmp)
+        if os.path.isdir(folder):
+            old = tmp + ".old"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def from_pretrained(cls, path_or_id, subfolder=None, what="weights"):
+    """cls.from_pretrained(local folder or hub id) with one clear line for the usual mistakes
+    (missing path, not a diffusers/transformers folder, hub unreachable) instead of a traceback.
+    The same call loads SD-1.5 ("runwayml/stable-diffusion-v1-5", subfolder "unet") and the
+    folders 02 writes."""
+    config_name = getattr(cls, "config_name", None) or "config.json"
+    where = os.path.join(path_or_id, subfolder) if subfolder else path_or_id
+    if os.path.isdir(path_or_id):
+        if not os.path.isfile(os.path.join(where, config_name)):
+            raise UserError(f"{what} '{path_or_id}' is not a diffusers/transformers folder: "
+                            f"'{os.path.join(where, config_name)}' is missing")
+    elif os.path.exists(path_or_id) or path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") != 1:
+        raise UserError(f"{what} '{path_or_id}' does not exist (give a local folder or a hub id like "
+                        f"'runwayml/stable-diffusion-v1-5')")
+    try:
+        return cls.from_pretrained(path_or_id, **({"subfolder": subfolder} if subfolder else {}))
+    except (OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {what} from '{where}': {msg}")
+
+
+def save_guiders(path, guiders):
+    from safetensors.torch import save_file
+    meta = {"config": json.dumps({k: dict(in_channels=g.body[0].in_channels, out_channels=g.out.out_channels,
+                                          widths=[m.out_channels for m in g.body if isinstance(m, nn.Conv2d)])
+                                  for k, g in guiders.items()})}
+    sd = {k: v.detach().cpu().contiguous() for k, v in guiders.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+def load_guiders(path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise UserError(f"pose guider weights '{path}' are missing")
+    with safe_open(path, "pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+    guiders = nn.ModuleDict()
+    for k in COND_KINDS:
+        c = cfg[k]
+        w = c["widths"][0::2]  # the body's convs: first, then (stride-1, stride-2) per level
+        guiders[k] = PoseGuider(c["in_channels"], c["out_channels"], len(w) - 1, widths=tuple(w))
+    guiders.load_state_dict(load_file(path))
+    return guiders
+
+
+def save_generator(folder, gen):
+    save_pretrained_atomic(gen.reference_unet, os.path.join(folder, "reference_unet"))
+    save_pretrained_atomic(gen.denoising_unet, os.path.join(folder, "denoising_unet"))
+    save_guiders(os.path.join(folder, "guiders.safetensors"), gen.guiders)
+
+
+def load_generator(folder):
+    """-> (Generator, vae, image_encoder, noise-schedule config, args dict) from a folder that
+    02_train_generator.py wrote. The VAE / image encoder come from the folder when 02 trained or
+    built them (--from-scratch), else from the pretrained sources recorded in args.json."""
+    from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler
+    from transformers import CLIPVisionModelWithProjection
+    args_path = os.path.join(folder, "args.json")
+    if not os.path.isfile(args_path):
+        raise UserError(f"'{folder}' is not a generator folder written by 02_train_generator.py (no args.json)")
+    with open(args_path) as f:
+        args = json.load(f)
+    ref = from_pretrained(UNet2DConditionModel, os.path.join(folder, "reference_unet"), what="reference U-Net")
+    den = from_pretrained(UNet2DConditionModel, os.path.join(folder, "denoising_unet"), what="denoising U-Net")
+    gen = Generator(ref, den, load_guiders(os.path.join(folder, "guiders.safetensors")))
+    own = lambda sub: os.path.isdir(os.path.join(folder, sub))
+    vae = (from_pretrained(AutoencoderKL, os.path.join(folder, "vae"), what="VAE") if own("vae") else
+           from_pretrained(AutoencoderKL, args["pretrained"], "vae", what="VAE"))
+    enc = (from_pretrained(CLIPVisionModelWithProjection, os.path.join(folder, "image_encoder"), what="image encoder")
+           if own("image_encoder") else
+           from_pretrained(CLIPVisionModelWithProjection, args["image_encoder"], args.get("image_encoder_subfolder"),
+                           what="image encoder"))
+    schedule = dict(from_pretrained(DDPMScheduler, os.path.join(folder, "scheduler"), what="noise schedule").config)
+    return gen, vae.eval().requires_grad_(False), enc.eval().requires_grad_(False), schedule, args

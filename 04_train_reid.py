@@ -1,0 +1,206 @@
+"""
+Stage 04: train the Re-ID model on the (optionally augmented) training split.
+
+Paper recipe (section 4.2) as the defaults: torchvision ResNet50, 2048-d pooled feature,
+batch-hard triplet loss (margin 0.5) + cross-entropy, summed; PK batches P=32 x K=8; Adam with
+lr 1e-5 for the backbone and 1e-4 for the classifier; 20,000 iterations; 256x128 input with
+horizontal flip + pad/crop. Rerunning the same command resumes from <out>/checkpoint.pt.
+
+  python 04_train_reid.py --data-root data/market1501 --out runs/market1501/reid/base
+  python 04_train_reid.py --data-root runs/demo/world --extra-train runs/demo/augmented/vi/bounding_box_train \\
+      --arch resnet18 --height 128 --width 64 --P 16 --K 4 --iters 800 --out runs/demo/reid/vi
+  torchrun --nproc_per_node 2 04_train_reid.py ...     # DDP: P identities split over the GPUs
+"""
+import os
+import csv
+import json
+import time
+import random
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from tqdm import tqdm
+
+import common
+
+# -----------------------------------------------------------------------------
+# arguments
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--data-root", required=True, help="Market-1501-layout folder (bounding_box_train/ ...)")
+p.add_argument("--extra-train", nargs="*", default=[], help="folders of generated images (same naming) merged into train")
+p.add_argument("--out", required=True, help="output folder: model.pt, checkpoint.pt, log.csv, args.json")
+p.add_argument("--no-size-check", action="store_true", help="skip the Market/Duke image-count sanity check")
+p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18 for CPU demo runs)")
+p.add_argument("--backbone-weights", default="none", help="PATH to a torchvision state dict | imagenet | none")
+p.add_argument("--height", type=int, default=256)
+p.add_argument("--width", type=int, default=128)
+p.add_argument("--P", type=int, default=32, help="identities per batch")
+p.add_argument("--K", type=int, default=8, help="images per identity in a batch")
+p.add_argument("--iters", type=int, default=20000)
+p.add_argument("--lr", type=float, default=1e-5, help="backbone learning rate")
+p.add_argument("--lr-classifier", type=float, default=1e-4)
+p.add_argument("--weight-decay", type=float, default=5e-4, help="the paper does not say; torchreid's default")
+p.add_argument("--margin", type=float, default=0.5, help="triplet margin")
+p.add_argument("--max-aug-share", type=float, default=1.0,
+               help="cap on the share of generated images (camera c9) in each identity's K slots")
+p.add_argument("--workers", type=int, default=2)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+p.add_argument("--amp", action="store_true", help="bf16 autocast")
+p.add_argument("--ckpt-every", type=int, default=500, help="iterations between checkpoints")
+p.add_argument("--log-every", type=int, default=10)
+p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+
+
+def main():
+    args = p.parse_args()
+    # DDP under torchrun: one process per GPU; identities of each PK batch split over ranks
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device(args.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+
+    # -------------------------------------------------------------------------
+    # data
+    data = common.load_reid_dataset(args.data_root, extra_train=args.extra_train, check_sizes=not args.no_size_check)
+    train, n_bad = common.check_images(data["train"], "train images")
+    labels = np.array([lab for _, lab, _ in train])
+    is_aug = np.array([cam == common.AUG_CAMERA - 1 for _, _, cam in train])
+    if master:
+        print(f"read {args.data_root}: {len(train)} train images ({is_aug.sum()} generated) of "
+              f"{data['num_classes']} identities" + (f"; skipped {n_bad} unreadable" if n_bad else ""))
+    sampler = common.PKSampler(labels, args.P, args.K, seed=args.seed, rank=rank, world_size=world)
+    transform = T.Compose([
+        T.Resize((args.height, args.width)),
+        T.RandomHorizontalFlip(),
+        T.Pad(10),
+        T.RandomCrop((args.height, args.width)),
+        T.ToTensor(),
+        T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD),
+    ])
+    dataset = common.ImageDataset(train, transform)
+
+    # -------------------------------------------------------------------------
+    # model, optimizer, resume
+    model = common.build_reid_model(args.arch, data["num_classes"], args.backbone_weights).to(device)
+    optimizer = torch.optim.Adam([
+        dict(params=model.backbone.parameters(), lr=args.lr),
+        dict(params=model.classifier.parameters(), lr=args.lr_classifier),
+    ], weight_decay=args.weight_decay)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    log_path = os.path.join(args.out, "log.csv")
+    start = 0
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["num_classes"] != data["num_classes"]:
+            raise common.UserError(f"checkpoint '{ckpt_path}' was trained on {ckpt['num_classes']} identities, the data "
+                                   f"has {data['num_classes']}: use another --out or delete the checkpoint")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start = ckpt["iteration"]
+        torch.set_rng_state(ckpt["rng_torch"])
+        np.random.set_state(ckpt["rng_numpy"])
+        random.setstate(ckpt["rng_python"])
+        if master:
+            print(f"resumed from {ckpt_path} at iteration {start}")
+    if start >= args.iters and os.path.exists(os.path.join(args.out, "model.pt")):
+        if master:
+            print(f"{args.out} is already trained to iteration {start}; nothing to do")
+        return
+    if master:
+        common.save_json(os.path.join(args.out, "args.json"), vars(args))
+        # keep the log consistent with the checkpoint: drop rows written after it
+        rows = []
+        if start and os.path.exists(log_path):
+            with open(log_path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start]
+        fields = ["iteration", "loss", "triplet", "ce", "acc", "lr", "sec_per_iter"]
+        common.save_text(log_path, ",".join(fields) + "\n" + "".join(",".join(r[k] for k in fields) + "\n" for r in rows))
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    def save_checkpoint(it):
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iteration=it,
+                     num_classes=data["num_classes"], rng_torch=torch.get_rng_state(),
+                     rng_numpy=np.random.get_state(), rng_python=random.getstate(), args=vars(args))
+        common.atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+
+    # -------------------------------------------------------------------------
+    # training loop: iteration-based, the PK stream resumes at the global batch number
+    batches = sampler.iterate(start)
+    if args.max_aug_share < 1.0:
+        real_by_label = {lab: np.flatnonzero((labels == lab) & ~is_aug) for lab in np.unique(labels)}
+        batches = (cap_augmented(b, labels, is_aug, args.K, args.max_aug_share, real_by_label) for b in batches)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    model.train()
+    log = open(log_path, "a") if master else None
+    t0 = time.time()
+    bar = tqdm(total=args.iters, initial=start, desc="train re-id", disable=not master, mininterval=1.0)
+    it = start
+    for x, y, _ in (loader if it < args.iters else []):  # --iters 0 saves the untrained model
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            feat, logits = ddp_model(x)
+        feat, logits = feat.float(), logits.float()
+        l_tri = common.triplet_loss(feat, y, args.margin)
+        l_ce = F.cross_entropy(logits, y)
+        loss = l_tri + l_ce
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        it += 1
+        bar.update(1)
+        if master and (it % args.log_every == 0 or it == args.iters):
+            acc = (logits.argmax(1) == y).float().mean().item()
+            dt = (time.time() - t0) / (it - start)
+            log.write(f"{it},{loss.item():.5f},{l_tri.item():.5f},{l_ce.item():.5f},{acc:.4f},{args.lr:g},{dt:.4f}\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
+        if master and (it % args.ckpt_every == 0 or it == args.iters):
+            save_checkpoint(it)
+        if it >= args.iters:
+            break
+    bar.close()
+    if master:
+        log.close()
+        out = os.path.join(args.out, "model.pt")
+        state = dict(state_dict=model.state_dict(), arch=args.arch, num_classes=data["num_classes"],
+                     height=args.height, width=args.width, iterations=it)
+        common.atomic_write(out, lambda tmp: torch.save(state, tmp))
+        print(f"wrote {out} ({it} iterations, {time.time() - t0:.0f} s), {log_path}, {ckpt_path}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def cap_augmented(batch, labels, is_aug, K, share, real_by_label):
+    """Limit generated images to floor(share * K) of each identity's K slots and refill the
+    freed slots with that identity's real images: with tens of generated images per identity
+    they would otherwise fill almost every batch (DESIGN.md 4)."""
+    rng = np.random.default_rng(batch)  # a function of the batch: resuming replays it exactly
+    cap, out = int(share * K), []
+    for i in range(0, len(batch), K):
+        group = batch[i:i + K]
+        aug = [j for j in group if is_aug[j]]
+        if len(aug) > cap:
+            real = real_by_label[labels[group[0]]]
+            fill = rng.choice(real, len(aug) - cap, replace=len(aug) - cap > len(real))
+            group = [j for j in group if not is_aug[j]] + aug[:cap] + list(fill)
+        out += [int(j) for j in group]
+    return out
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,277 @@
+"""Foundation: data set parsing, PK sampler, triplet loss, evaluator, 04 training + resume, 05."""
+import os
+import sys
+import json
+import time
+import signal
+import importlib.util
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("evaluate05", os.path.join(ROOT, "05_evaluate.py"))
+evaluate05 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(evaluate05)
+
+
+def run(script, *args, check=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def make_market(root, n_ids=8, per_cam=3, cams=(1, 2), test_ids=6, separable=False, seed=0, h=32, w=16):
+    """A tiny Market-1501-layout data set. separable=True: each identity wears its own shirt
+    colour (on a noisy background, with a random shirt position and brightness), so a trained
+    model can tell them apart and an untrained one does much worse."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (n_ids + test_ids + 1, 3))
+
+    def image(pid):
+        img = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        if separable:
+            top = rng.integers(0, h // 2)
+            img[top:top + h // 2, 2:w - 2] = np.clip(colours[pid] * rng.uniform(0.8, 1.2) + rng.normal(0, 10, (h // 2, w - 4, 3)), 0, 255)
+        return img
+
+    n = 0
+    def write(folder, pid, cam):
+        nonlocal n
+        n += 1
+        common.save_image(os.path.join(root, folder, f"{pid:04d}_c{cam}s1_{n:06d}_00.jpg"), image(pid))
+
+    for pid in range(1, n_ids + 1):
+        for cam in cams:
+            for _ in range(per_cam):
+                write("bounding_box_train", pid, cam)
+    for pid in range(n_ids + 1, n_ids + test_ids + 1):
+        write("query", pid, cams[0])
+        for cam in cams:
+            for _ in range(per_cam):
+                write("bounding_box_test", pid, cam)
+    write("bounding_box_test", 0, cams[1])   # a distractor
+    write("bounding_box_test", -1, cams[1])  # junk: dropped
+    return root
+
+
+# -----------------------------------------------------------------------------
+# data sets
+
+def test_parse_name_uses_basename_only():
+    assert common.parse_name("/data/run1_c2/0002_c1s1_000451_03.jpg") == (2, 0)
+    assert common.parse_name("0001_c8_f0046182.jpg") == (1, 7)
+    assert common.parse_name("-1_c3s1_000001_00.jpg") == (-1, 2)
+    with pytest.raises(common.UserError, match="holiday.jpg"):
+        common.parse_name("/x/0001_c1/holiday.jpg")
+
+
+def test_dataset_relabel_junk_distractor_and_extra(tmp_path):
+    root = make_market(tmp_path / "m", n_ids=3, per_cam=1)
+    extra = tmp_path / "aug" / "bounding_box_train"
+    common.save_image(str(extra / "0002_c9s1_000001_00.jpg"), np.zeros((8, 4, 3), np.uint8))
+    d = common.load_reid_dataset(str(root), extra_train=[str(extra)])
+    assert d["num_classes"] == 3
+    assert sorted({lab for _, lab, _ in d["train"]}) == [0, 1, 2]
+    assert [lab for p, lab, cam in d["train"] if "c9" in p] == [1]  # pid 2 -> label 1, under its source pid
+    assert all(cam in (0, 1) for _, _, cam in d["query"])
+    g_pids = [pid for _, pid, _ in d["gallery"]]
+    assert 0 in g_pids and -1 not in g_pids
+
+
+def test_dataset_size_check_names_folder(tmp_path):
+    root = make_market(tmp_path / "market1501", n_ids=3, per_cam=1)
+    with pytest.raises(common.UserError, match="market1501.*expected 751"):
+        common.load_reid_dataset(str(root))
+
+
+# -----------------------------------------------------------------------------
+# PK sampler and triplet loss
+
+def test_pk_sampler_batches_and_coverage():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(23), rng.integers(1, 12, 23))
+    s = common.PKSampler(labels, P=4, K=3, seed=5)
+    for e in range(3):
+        batches = s.epoch(e)
+        seen = set()
+        for b in batches:
+            assert len(b) == 12
+            pids = labels[b].reshape(4, 3)
+            assert (pids == pids[:, :1]).all() and len(set(pids[:, 0])) == 4
+            seen |= set(pids[:, 0])
+        assert seen == set(range(23))
+    assert s.epoch(1) == common.PKSampler(labels, P=4, K=3, seed=5).epoch(1)  # a function of (seed, epoch)
+    # resuming the stream at batch i gives the same batches as the uninterrupted stream
+    a = s.iterate(0)
+    full = [next(a) for _ in range(40)]
+    b = s.iterate(25)
+    assert [next(b) for _ in range(15)] == full[25:]
+    # DDP: the ranks split each batch into whole identities
+    r0, r1 = (common.PKSampler(labels, 4, 3, seed=5, rank=r, world_size=2).epoch(0) for r in (0, 1))
+    assert [x + y for x, y in zip(r0, r1)] == s.epoch(0)
+
+
+def test_triplet_loss_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for margin in (0.3, 0.5, 2.0):
+        f = torch.randn(24, 7, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 5, (24,), generator=g)
+        y[:5] = torch.arange(5)  # every class present
+        y[5:10] = torch.arange(5)
+        total = 0.0
+        for a in range(24):
+            pos = [torch.dist(f[a], f[j]).item() for j in range(24) if y[j] == y[a]]
+            neg = [torch.dist(f[a], f[j]).item() for j in range(24) if y[j] != y[a]]
+            total += max(0.0, max(pos) - min(neg) + margin)
+        assert common.triplet_loss(f, y, margin).item() == pytest.approx(total / 24, abs=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# evaluator
+
+def test_evaluator_hand_computed():
+    # one query (pid 1, cam 0); gallery by distance: [pid2, pid1 cam1, pid1 cam0 (removed), pid3, pid1 cam1]
+    d = np.array([[0.1, 0.2, 0.3, 0.4, 0.5]], np.float32)
+    r = common.evaluate_rank(d, np.array([1]), np.array([2, 1, 1, 3, 1]), np.array([0]), np.array([1, 1, 0, 1, 1]), max_rank=10)
+    # kept ranking: pid2, pid1, pid3, pid1 -> hits at ranks 2 and 4: AP = (1/2 + 2/4) / 2
+    assert r["mAP"] == pytest.approx(0.5)
+    assert r["mINP"] == pytest.approx(2 / 4)
+    assert r["cmc"].tolist() == [0, 1, 1, 1, 1]  # max_rank 10 cut at the gallery size
+    # ties keep gallery order (stable sort): the match at index 2 ties with index 1 and 3
+    d = np.array([[0.5, 0.2, 0.2, 0.2]], np.float32)
+    r = common.evaluate_rank(d, np.array([1]), np.array([2, 3, 1, 4]), np.array([0]), np.array([1, 1, 1, 1]))
+    assert r["cmc"][:3].tolist() == [0, 1, 1] and r["mAP"] == pytest.approx(1 / 2)
+
+
+def test_evaluator_skips_same_camera_only_queries():
+    d = np.random.default_rng(0).random((2, 3)).astype(np.float32)
+    r = common.evaluate_rank(d, np.array([1, 2]), np.array([1, 2, 2]), np.array([0, 0]), np.array([0, 1, 1]))
+    assert r["num_valid_queries"] == 1 and r["num_skipped_queries"] == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_evaluator_matches_reference_on_random_problems(dtype):
+    rng = np.random.default_rng(3)
+    checked = 0
+    for trial in range(150):
+        nq, ng, nid = rng.integers(1, 40), rng.integers(1, 90), rng.integers(1, 12)
+        q_p, g_p = rng.integers(1, nid + 1, nq), rng.integers(0, nid + 1, ng)  # pid 0: distractors
+        q_c, g_c = rng.integers(0, 3, nq), rng.integers(0, 3, ng)
+        if trial % 2:  # coarse values: many ties
+            d = rng.integers(0, 6, (nq, ng)).astype(dtype) - 1
+        else:
+            d = rng.random((nq, ng)).astype(dtype)
+        ref = evaluate05.reference_evaluate(d, q_p, g_p, q_c, g_c, max_rank=50)
+        if ref["num_valid_queries"] == 0:
+            continue
+        r = common.evaluate_rank(d, q_p, g_p, q_c, g_c, max_rank=50, chunk=int(rng.integers(1, 9)))
+        assert r["num_valid_queries"] == ref["num_valid_queries"]
+        assert r["num_valid_queries"] + r["num_skipped_queries"] == nq
+        assert abs(r["mAP"] - ref["mAP"]) < 1e-6 and abs(r["mINP"] - ref["mINP"]) < 1e-6
+        assert len(r["cmc"]) == min(50, ng) and np.abs(r["cmc"] - ref["cmc"]).max() < 1e-6
+        checked += 1
+    assert checked > 100
+
+
+# -----------------------------------------------------------------------------
+# 04 + 05 end to end
+
+TINY = ["--arch", "resnet18", "--height", "32", "--width", "16", "--P", "4", "--K", "2", "--workers", "0",
+        "--no-size-check", "--threads", "2"]
+
+
+def test_train_and_evaluate_random_images(tmp_path):
+    root = make_market(tmp_path / "data")
+    out = tmp_path / "runs" / "reid" / "base"
+    run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", 6, "--log-every", 2, *TINY)
+    log = (out / "log.csv").read_text().splitlines()
+    assert log[0].startswith("iteration,loss") and [l.split(",")[0] for l in log[1:]] == ["2", "4", "6"]
+    assert np.isfinite([float(l.split(",")[1]) for l in log[1:]]).all()
+    r = run("05_evaluate.py", "--model", out / "model.pt", "--data-root", root, "--no-size-check", "--workers", 0)
+    res = json.loads((tmp_path / "runs" / "results" / "base.json").read_text())
+    assert 0 <= res["mAP"] <= 1 and res["num_query"] == 6 and res["num_gallery"] == 6 * 6 + 1
+    assert "| base |" in (tmp_path / "runs" / "results" / "results.md").read_text()
+
+
+def test_training_separates_identities(tmp_path):
+    root = make_market(tmp_path / "data", n_ids=10, per_cam=4, test_ids=8, separable=True)
+    maps = {}
+    for iters in (0, 80):
+        out = tmp_path / "reid" / f"it{iters}"
+        run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", iters, "--lr", "3e-4",
+            "--lr-classifier", "1e-3", *TINY)
+        run("05_evaluate.py", "--model", out / "model.pt", "--data-root", root, "--no-size-check", "--workers", 0,
+            "--results", tmp_path / "results")
+        maps[iters] = json.loads((tmp_path / "results" / f"it{iters}.json").read_text())["mAP"]
+    assert maps[80] > maps[0] + 0.15, maps
+
+
+def test_resume_after_kill(tmp_path):
+    root = make_market(tmp_path / "data")
+    out = tmp_path / "reid"
+    args = [sys.executable, os.path.join(ROOT, "04_train_reid.py"), "--data-root", str(root), "--out", str(out),
+            "--iters", "400", "--ckpt-every", "5", "--log-every", "1", *TINY]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoint.pt"
+    while proc.poll() is None and not (ckpt.exists() and torch.load(ckpt, weights_only=False)["iteration"] >= 10):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=False)["iteration"]
+    assert 10 <= killed_at < 400 and not (out / "model.pt").exists()
+    r = run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", 400, "--ckpt-every", 5, "--log-every", 1, *TINY)
+    assert f"resumed from {ckpt} at iteration {killed_at}" in r.stdout
+    assert torch.load(out / "model.pt", weights_only=False)["iterations"] == 400
+    its = [int(l.split(",")[0]) for l in (out / "log.csv").read_text().splitlines()[1:]]
+    assert its == list(range(1, 401))  # no gap, no duplicate rows from the killed run
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: one line, exit 2, nothing from deep inside a library
+
+def assert_clean_error(r, *words):
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_inputs(tmp_path):
+    r = run("04_train_reid.py", "--data-root", tmp_path / "nope", "--out", tmp_path / "o", check=False)
+    assert_clean_error(r, "nope", "does not exist")
+    root = make_market(tmp_path / "d1", n_ids=4, per_cam=1)
+    os.rename(root / "query", root / "q2")
+    r = run("04_train_reid.py", "--data-root", root, "--out", tmp_path / "o", "--no-size-check", check=False)
+    assert_clean_error(r, "query", "missing")
+    root = make_market(tmp_path / "d2", n_ids=4, per_cam=1)
+    Image.new("RGB", (4, 8)).save(root / "bounding_box_train" / "IMG_1234.jpg")
+    r = run("04_train_reid.py", "--data-root", root, "--out", tmp_path / "o", "--no-size-check", check=False)
+    assert_clean_error(r, "IMG_1234.jpg")
+    root = make_market(tmp_path / "d3", n_ids=4, per_cam=1)
+    for f in (root / "bounding_box_test").iterdir():
+        f.unlink()
+    r = run("05_evaluate.py", "--model", tmp_path / "m.pt", "--data-root", root, check=False)
+    assert_clean_error(r, "m.pt")
+    r = run("04_train_reid.py", "--data-root", root, "--out", tmp_path / "o", "--no-size-check", check=False)
+    assert_clean_error(r, "bounding_box_test", "no images")
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path):
+    root = make_market(tmp_path / "data")
+    bad = root / "bounding_box_train" / "0003_c1s1_999999_00.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = tmp_path / "reid"
+    r = run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", 3, *TINY)
+    assert "skipped 1 unreadable" in r.stdout
+    assert "0003_c1s1_999999_00.jpg" in r.stderr
+    assert (out / "model.pt").exists()
