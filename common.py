@@ -528,7 +528,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # own scheduler/ wins. 02 saves the schedule it trained with; 03 samples with that same config.
 SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
-                     set_alpha_to_one=False, steps_offset=1)
+                     steps_offset=1)
 
 
 def _reference_hook(name, module, args, kwargs):

@@ -1,0 +1,495 @@
+"""
+Train the Diff-ID generator (paper 3.4 + 4.1, DESIGN.md 5): a reference U-Net and a denoising
+U-Net of identical config plus one pose guider per condition map (depth, normal, skeleton);
+the VAE and the CLIP image encoder stay frozen.
+
+  stage 2 (default): pairs (reference, target) = two different images of one person id, from a
+      Market-1501-layout root and the condition maps of its training images:
+        python 02_train_generator.py --data runs/demo/world --conditions runs/demo/conditions \
+            --out runs/demo/generator --from-scratch --resolution 64x128 --lr 1e-3 --steps 3000
+  stage 1: pairs = two frames of one video far apart; generic layout <data>/<video_id>/<frame>.png
+      with maps <conditions>/<video_id>/<frame>.{depth,normal,skeleton}.png. A stage-2 run starts
+      from a stage-1 folder with --init.
+
+Weights: --pretrained runwayml/stable-diffusion-v1-5 (or a local diffusers folder with unet/ vae/
+[scheduler/]) + --image-encoder (CLIP vision with projection, e.g. lambdalabs/sd-image-variations-
+diffusers with --image-encoder-subfolder image_encoder), or --from-scratch: tiny configs for a CPU
+(a small AutoencoderKL trained on the training images first, a tiny random frozen CLIP).
+
+Writes into --out: reference_unet/, denoising_unet/ (diffusers folders), guiders.safetensors,
+scheduler/ (the noise schedule trained with; 03 samples with the same config), vae/ and
+image_encoder/ when built here, args.json, checkpoint.pt (resume: rerun the same command),
+log.csv, samples/step_XXXXXX.png (reference | depth | normal | skeleton | generated | target).
+Multi-GPU: torchrun --nproc_per_node N 02_train_generator.py ...
+"""
+import os
+import sys
+import csv
+import copy
+import json
+import time
+import random
+import argparse
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+from common import UserError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="stage 2: Market-1501-layout root (uses bounding_box_train/); "
+                   "stage 1: folder of <video_id>/<frame> images")
+    p.add_argument("--conditions", required=True, help="stage 2: conditions root holding bounding_box_train/"
+                   "<stem>.{depth,normal,skeleton}.png; stage 1: <video_id>/<frame>.*.png")
+    p.add_argument("--out", required=True, help="generator folder to write (and resume from)")
+    p.add_argument("--stage", type=int, choices=(1, 2), default=2)
+    p.add_argument("--min-frame-gap", type=int, default=-1, help="stage 1: min frame distance of a pair "
+                   "(-1: a quarter of the video)")
+    w = p.add_argument_group("weights (exactly one of --pretrained, --from-scratch, --init)")
+    w.add_argument("--pretrained", help="SD-1.5 hub id or local diffusers folder (unet/, vae/, [scheduler/])")
+    w.add_argument("--image-encoder", help="CLIPVisionModelWithProjection hub id or folder (with --pretrained)")
+    w.add_argument("--image-encoder-subfolder", default=None, help="e.g. image_encoder for "
+                   "lambdalabs/sd-image-variations-diffusers (a local folder that has one is found itself)")
+    w.add_argument("--from-scratch", action="store_true", help="tiny configs for CPU / the demo world")
+    w.add_argument("--init", help="start from a generator folder written by this script (stage 1 -> stage 2)")
+    s = p.add_argument_group("--from-scratch model sizes")
+    s.add_argument("--unet-channels", default="32,64", help="U-Net block widths (every block has attention)")
+    s.add_argument("--vae-channels", default="32,64,64", help="VAE block widths; factor 2^(len-1)")
+    s.add_argument("--clip-dim", type=int, default=64, help="tiny CLIP projection dim = U-Net cross-attention dim")
+    s.add_argument("--vae-steps", type=int, default=1500)
+    s.add_argument("--vae-lr", type=float, default=1e-3)
+    s.add_argument("--vae-batch-size", type=int, default=16)
+    t = p.add_argument_group("training")
+    t.add_argument("--resolution", default="192x384", help="WIDTHxHEIGHT of images and maps (paper: 192x384)")
+    t.add_argument("--steps", type=int, default=30000, help="optimizer steps in total (a rerun resumes)")
+    t.add_argument("--batch-size", type=int, default=4, help="per process and micro-step")
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--lr", type=float, default=1e-5)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--drop-prob", type=float, default=0.1, help="null condition (reference + CLIP dropped together)")
+    t.add_argument("--amp", action="store_true", help="bf16 autocast (use on GPU)")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    t.add_argument("--num-workers", type=int, default=0, help="data loader processes")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--save-every", type=int, default=500, help="checkpoint + export every N steps (and at the end)")
+    t.add_argument("--sample-every", type=int, default=500, help="validation grid every N steps (0: only at the end)")
+    t.add_argument("--sample-steps", type=int, default=25)
+    t.add_argument("--guidance", type=float, default=3.5)
+    t.add_argument("--num-val", type=int, default=4, help="rows of the validation grid")
+    args = p.parse_args(argv)
+    if sum(bool(x) for x in (args.pretrained, args.from_scratch, args.init)) != 1:
+        raise UserError("give exactly one of --pretrained PATH_OR_ID, --from-scratch, --init GENERATOR_FOLDER")
+    if args.pretrained and not args.image_encoder:
+        raise UserError("--pretrained needs --image-encoder (a CLIPVisionModelWithProjection, e.g. "
+                        "lambdalabs/sd-image-variations-diffusers --image-encoder-subfolder image_encoder)")
+    try:
+        wd, ht = (int(v) for v in args.resolution.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--resolution '{args.resolution}' is not WIDTHxHEIGHT (e.g. 192x384)")
+    args.size = (ht, wd)
+    return args
+
+# -----------------------------------------------------------------------------
+# training pairs
+
+def list_pairs_stage2(data, conditions):
+    """-> items [(image path, condition folder, stem)], groups [[item indices of one pid]]."""
+    cond_dir = os.path.join(conditions, common.SPLIT_DIRS["train"])
+    train = common.list_split(os.path.join(data, common.SPLIT_DIRS["train"]))
+    items, by_pid = [], {}
+    for path, pid, _ in train:
+        by_pid.setdefault(pid, []).append(len(items))
+        items.append((path, cond_dir, os.path.splitext(os.path.basename(path))[0]))
+    return items, [g for g in by_pid.values() if len(g) >= 2]
+
+
+def list_pairs_stage1(data, conditions):
+    """Generic video layout: <data>/<video_id>/<frame image>, frames in sorted name order."""
+    if not os.path.isdir(data):
+        raise UserError(f"video folder '{data}' does not exist")
+    items, groups = [], []
+    for vid in sorted(os.listdir(data)):
+        d = os.path.join(data, vid)
+        if not os.path.isdir(d):
+            continue
+        frames = sorted(f for f in os.listdir(d) if f.lower().endswith(common.IMAGE_EXTS))
+        g = []
+        for f in frames:
+            g.append(len(items))
+            items.append((os.path.join(d, f), os.path.join(conditions, vid), os.path.splitext(f)[0]))
+        if len(g) >= 2:
+            groups.append(g)
+    return items, groups
+
+
+def check_conditions(items):
+    missing = [common.cond_path(c, s, k) for _, c, s in items for k in common.COND_KINDS
+               if not os.path.isfile(common.cond_path(c, s, k))]
+    if missing:
+        raise UserError(f"condition maps missing for {len(missing)} of {3 * len(items)} map files (e.g. "
+                        f"'{missing[0]}'): make them with 'python 01_render_smpl.py conditions'")
+
+
+class PairData(torch.utils.data.Dataset):
+    """Sample k of the run -> (target, reference, target's maps). Everything random is drawn from
+    rng(seed, k), so a resumed run sees exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, items, groups, size, seed, stage, min_gap):
+        self.items, self.groups, self.size, self.seed, self.stage, self.min_gap = items, groups, size, seed, stage, min_gap
+        self.members = [i for g in groups for i in g]  # targets: images that have a partner
+        self.group_of = {i: gi for gi, g in enumerate(groups) for i in g}
+        self._perm = (None, None)
+
+    def __len__(self):
+        return 2 ** 62  # indexed by a running sample counter, see batches()
+
+    def pair(self, k):
+        epoch, pos = divmod(k, len(self.members))
+        if self._perm[0] != epoch:  # one shuffle per epoch over all targets
+            self._perm = (epoch, np.random.default_rng([self.seed, 1, epoch]).permutation(len(self.members)))
+        tgt = self.members[self._perm[1][pos]]
+        g = self.groups[self.group_of[tgt]]
+        if self.stage == 1:  # frames far apart: at least min_gap (default a quarter of the video)
+            gap = self.min_gap if self.min_gap >= 0 else len(g) // 4
+            j = g.index(tgt)
+            cands = [g[i] for i in range(len(g)) if abs(i - j) >= max(gap, 1)]
+            cands = cands or [g[0] if j >= len(g) // 2 else g[-1]]
+        else:
+            cands = [i for i in g if i != tgt]
+        ref = cands[np.random.default_rng([self.seed, 2, k]).integers(len(cands))]
+        return tgt, ref
+
+    def __getitem__(self, k):
+        tgt, ref = self.pair(k)
+        (tp, tc, ts), (rp, _, _) = self.items[tgt], self.items[ref]
+        return (common.load_image_tensor(tp, self.size), common.load_image_tensor(rp, self.size),
+                common.load_conditions(tc, ts, self.size))
+
+
+def batches(start_micro, batch_size, rank, world):
+    """Infinite batch sampler: micro-step m of process r gets samples ((m*world + r)*B ...)."""
+    m = start_micro
+    while True:
+        base = (m * world + rank) * batch_size
+        yield list(range(base, base + batch_size))
+        m += 1
+
+# -----------------------------------------------------------------------------
+# models
+
+def tiny_unet(args, latent_hw, cross_dim):
+    from diffusers import UNet2DConditionModel
+    ch = tuple(int(c) for c in args.unet_channels.split(","))
+    n = len(ch)
+    return UNet2DConditionModel(
+        sample_size=latent_hw, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=ch,
+        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=min(8, ch[0]))
+
+
+def tiny_clip(args):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(args.seed + 7)
+    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=8, projection_dim=args.clip_dim)
+    return CLIPVisionModelWithProjection(cfg)
+
+
+def train_vae(args, items, device):
+    """The small AutoencoderKL of --from-scratch: L1 + MSE reconstruction, a light KL, on (up to
+    2,000 of) the training images; scaling_factor set to 1/std of the latents like SD's."""
+    from diffusers import AutoencoderKL
+    ch = tuple(int(c) for c in args.vae_channels.split(","))
+    torch.manual_seed(args.seed + 11)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(ch),
+                        up_block_types=("UpDecoderBlock2D",) * len(ch), block_out_channels=ch, layers_per_block=1,
+                        latent_channels=4, norm_num_groups=min(32, ch[0]), sample_size=max(args.size)).to(device)
+    rng = np.random.default_rng([args.seed, 3])
+    pick = rng.permutation(len(items))[:2000]
+    imgs = torch.stack([common.load_image_tensor(items[i][0], args.size) for i in tqdm(pick, desc="loading VAE images", leave=False)])
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    bar = tqdm(range(args.vae_steps), desc="training VAE")
+    for it in bar:
+        x = imgs[torch.from_numpy(rng.integers(len(imgs), size=args.vae_batch_size))].to(device)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(imgs[i:i + 64].to(device)).latent_dist.mean for i in range(0, min(len(imgs), 512), 64)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    print(f"VAE: reconstruction loss {loss.item():.4f}, latent std {z.std().item():.3f}")
+    return vae.cpu()
+
+
+def freeze_unused_reference(gen, latent_hw, cross_dim):
+    """Only the INPUT of each attn1 of the reference U-Net is used, so whatever comes after the
+    last one (its attn1/attn2/ff, proj_out, conv_out, ...) gets no gradient: freeze it, so DDP
+    needs no find_unused_parameters and AdamW's weight decay does not shrink weights for nothing.
+    Found by a probe (one tiny forward + backward) rather than a list of names per config."""
+    gen.reference_unet.zero_grad(set_to_none=True)
+    bank = gen.reference(torch.zeros(1, 4, *latent_hw), torch.zeros(1, 1, cross_dim))
+    sum(v.float().sum() for v in bank.values()).backward()
+    frozen = [n for n, p in gen.reference_unet.named_parameters() if p.grad is None]
+    for n, p in gen.reference_unet.named_parameters():
+        if p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
+    return frozen
+
+
+def build(args, items, device, is_main):
+    """-> (Generator, vae, image_encoder, noise-schedule config, sources dict)."""
+    from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler
+    from transformers import CLIPVisionModelWithProjection
+    resume = os.path.isfile(os.path.join(args.out, "checkpoint.pt"))
+    if resume or args.init:  # the architecture (and, for --init, the weights) of a folder 02 wrote
+        gen, vae, enc, schedule, prev = common.load_generator(args.out if resume else args.init)
+        sources = {k: prev.get(k) for k in ("pretrained", "image_encoder", "image_encoder_subfolder")}
+        owned = not prev.get("pretrained")
+        print(f"model from '{args.out if resume else args.init}' ({'resume' if resume else 'init'})")
+        return gen, vae, enc, schedule, sources, owned
+    if args.pretrained:
+        unet = common.from_pretrained(UNet2DConditionModel, args.pretrained, "unet", what="pretrained weights")
+        vae = common.from_pretrained(AutoencoderKL, args.pretrained, "vae", what="pretrained weights")
+        sub = args.image_encoder_subfolder
+        if sub is None and os.path.isdir(os.path.join(args.image_encoder, "image_encoder")):
+            sub = "image_encoder"
+        enc = common.from_pretrained(CLIPVisionModelWithProjection, args.image_encoder, sub, what="image encoder")
+        has_sched = os.path.isfile(os.path.join(args.pretrained, "scheduler", "scheduler_config.json"))
+        schedule = (dict(DDPMScheduler.from_pretrained(args.pretrained, subfolder="scheduler").config) if has_sched
+                    else dict(common.SD15_SCHEDULE))
+        sources = dict(pretrained=args.pretrained, image_encoder=args.image_encoder, image_encoder_subfolder=sub)
+        owned = False
+        print(f"weights: U-Net + VAE from '{args.pretrained}', image encoder from '{args.image_encoder}'")
+    else:
+        vae_dir = os.path.join(args.out, "vae")
+        if os.path.isdir(vae_dir):  # trained by an earlier, interrupted run
+            vae = common.from_pretrained(AutoencoderKL, vae_dir, what="VAE")
+            print(f"VAE from '{vae_dir}'")
+        else:
+            vae = train_vae(args, items, device)
+            if is_main:
+                common.save_pretrained_atomic(vae, vae_dir)
+                print(f"wrote {vae_dir}")
+        f = common.vae_factor(vae)
+        unet = tiny_unet(args, (args.size[0] // f, args.size[1] // f), args.clip_dim)
+        enc = tiny_clip(args)
+        schedule = dict(common.SD15_SCHEDULE)
+        sources = dict(pretrained=None, image_encoder=None, image_encoder_subfolder=None)
+        owned = True
+    if enc.config.projection_dim != unet.config.cross_attention_dim:
+        raise UserError(f"image encoder projection dim {enc.config.projection_dim} != U-Net cross_attention_dim "
+                        f"{unet.config.cross_attention_dim}: pick a matching image encoder")
+    ref = copy.deepcopy(unet)  # both U-Nets start from the same weights (paper 3.4)
+    torch.manual_seed(args.seed + 5)
+    gen = common.Generator(ref, unet, common.build_guiders(unet.conv_in.out_channels, common.vae_factor(vae)))
+    return gen, vae.eval().requires_grad_(False), enc.eval().requires_grad_(False), schedule, sources, owned
+
+# -----------------------------------------------------------------------------
+# validation grid
+
+@torch.no_grad()
+def sample_grid(gen, vae, enc, schedule, val, args, device, autocast):
+    from diffusers import DDIMScheduler
+    gen.eval()
+    tgt, refs, conds = val
+    with autocast():
+        ref_lat = common.encode_latents(vae, refs.to(device))
+        emb = common.clip_embed(enc, refs.to(device))
+        bank = gen.reference(ref_lat, emb)
+        pose = gen.pose({k: v.to(device) for k, v in conds.items()})
+        noise = torch.randn(ref_lat.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
+        idx = torch.arange(len(refs), device=device)
+        z = common.sample_latents(gen, DDIMScheduler.from_config(schedule), noise, emb, pose, bank, idx,
+                                  steps=args.sample_steps, guidance=args.guidance)
+        out = common.decode_latents(vae, z)
+    gen.train()
+    cells = [common.to_uint8(refs)] + [common.to_uint8(conds[k].expand(-1, 3, -1, -1) * 2 - 1) for k in common.COND_KINDS]
+    cells += [common.to_uint8(out), common.to_uint8(tgt)]
+    rows = [np.concatenate([c[i] for c in cells], axis=1) for i in range(len(refs))]
+    return np.concatenate(rows, axis=0)
+
+# -----------------------------------------------------------------------------
+
+def main():
+    args = parse_args()
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(args.device)
+    device = torch.device(args.device)
+    is_main = rank == 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    amp_dtype = torch.bfloat16
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp)
+
+    # ---- data
+    items, groups = (list_pairs_stage2 if args.stage == 2 else list_pairs_stage1)(args.data, args.conditions)
+    if not groups:
+        raise UserError(f"no training pairs in '{args.data}': need 2+ images per "
+                        f"{'person id' if args.stage == 2 else 'video'}")
+    check_conditions(items)
+    print(f"read {len(items)} images in {len(groups)} {'ids' if args.stage == 2 else 'videos'} from '{args.data}', "
+          f"maps from '{args.conditions}'")
+    data = PairData(items, groups, args.size, args.seed, args.stage, args.min_frame_gap)
+
+    # ---- models
+    os.makedirs(args.out, exist_ok=True)
+    gen, vae, enc, schedule, sources, owned = build(args, items, device, is_main)
+    f = common.vae_factor(vae)
+    if args.size[0] % (8 * f) or args.size[1] % (8 * f):
+        raise UserError(f"--resolution {args.resolution}: width and height must be multiples of {8 * f}")
+    latent_hw = (args.size[0] // f, args.size[1] // f)
+    frozen = freeze_unused_reference(gen, latent_hw, gen.denoising_unet.config.cross_attention_dim)
+    print(f"reference U-Net: {len(frozen)} tensors after its last attention input frozen (get no gradient)")
+    if args.gradient_checkpointing:
+        gen.reference_unet.enable_gradient_checkpointing()
+        gen.denoising_unet.enable_gradient_checkpointing()
+    gen.to(device).train()
+    vae.to(device)
+    enc.to(device)
+    n_train = sum(p.numel() for p in gen.parameters() if p.requires_grad)
+    print(f"trainable parameters: {n_train / 1e6:.2f}M (reference U-Net, denoising U-Net, {len(gen.guiders)} pose guiders)")
+    from diffusers import DDPMScheduler
+    noise_sched = DDPMScheduler.from_config(schedule)
+    alphas = noise_sched.alphas_cumprod.to(device)
+    params = [p for p in gen.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+    # ---- resume
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    log_path = os.path.join(args.out, "log.csv")
+    start = 0
+    if os.path.isfile(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        gen.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        start = ck["step"]
+        random.setstate(ck["rng"]["python"])
+        np.random.set_state(ck["rng"]["numpy"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if torch.cuda.is_available() and ck["rng"].get("cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        print(f"resumed from '{ckpt_path}' at step {start}")
+    model = torch.nn.parallel.DistributedDataParallel(gen, device_ids=[device] if device.type == "cuda" else None) if ddp else gen
+    log_rows = []
+    if os.path.isfile(log_path):  # keep the rows up to the checkpoint: steps after it are redone
+        with open(log_path) as fh:
+            log_rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= start]
+    if is_main:
+        run_args = {k: v for k, v in vars(args).items() if k != "size"}
+        run_args.update(sources, resolution=[args.size[1], args.size[0]], vae_factor=f,
+                        size_hw=list(args.size), conditions_kinds=list(common.COND_KINDS))
+        common.save_json(os.path.join(args.out, "args.json"), run_args)
+        common.save_pretrained_atomic(DDPMScheduler.from_config(schedule), os.path.join(args.out, "scheduler"))
+        if owned:  # parts built here (from scratch) travel with the generator folder
+            for sub, m in (("vae", vae), ("image_encoder", enc)):
+                if not os.path.isdir(os.path.join(args.out, sub)):
+                    common.save_pretrained_atomic(m, os.path.join(args.out, sub))
+    if start >= args.steps:
+        print(f"nothing to do: already trained {start} steps (--steps {args.steps})")
+        return
+
+    # fixed validation pairs (first rows of a fixed shuffle)
+    vk = np.random.default_rng([args.seed, 4]).integers(0, 2 ** 40, size=args.num_val)
+    vs = [data[int(k)] for k in vk]
+    val = (torch.stack([v[0] for v in vs]), torch.stack([v[1] for v in vs]),
+           {k: torch.stack([v[2][k] for v in vs]) for k in common.COND_KINDS})
+
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches(start * args.grad_accum, args.batch_size, rank, world),
+                                         num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
+    it = iter(loader)
+
+    def save(step):
+        common.save_generator(args.out, gen)
+        rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        ck = dict(model=gen.state_dict(), opt=opt.state_dict(), step=step, rng=rng, args=vars(args))
+        common.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))  # written last: it marks a complete save
+
+    def write_log():
+        def w(tmp):
+            with open(tmp, "w", newline="") as fh:
+                wr = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "sec_per_step", "samples_per_sec"])
+                wr.writeheader()
+                wr.writerows(log_rows)
+        common.atomic_write(log_path, w)
+
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training", disable=not is_main)
+    losses, t_last = [], time.time()
+    for step in bar:
+        for micro in range(args.grad_accum):
+            tgt, ref, conds = next(it)
+            tgt, ref = tgt.to(device), ref.to(device)
+            conds = {k: v.to(device) for k, v in conds.items()}
+            # noise, timesteps and condition dropout from rng(seed, step, micro, rank): resumable exactly
+            g = torch.Generator().manual_seed(((args.seed * 1_000_003 + step) * 256 + micro) * 4096 + rank)
+            with autocast():
+                z = common.encode_latents(vae, tgt)
+                ref_lat = common.encode_latents(vae, ref)
+                ref_emb = common.clip_embed(enc, ref)
+            z, ref_lat, ref_emb = z.float(), ref_lat.float(), ref_emb.float()
+            B = z.shape[0]
+            noise = torch.randn(z.shape, generator=g).to(device)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (B,), generator=g).to(device)
+            drop = (torch.rand(B, generator=g) < args.drop_prob).to(device)
+            emb, index = common.null_condition(ref_emb, torch.arange(B, device=device), drop)
+            a = alphas[t].view(B, 1, 1, 1)
+            noisy = a.sqrt() * z + (1 - a).sqrt() * noise  # = DDPMScheduler.add_noise
+            target = noise if noise_sched.config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z
+            sync = contextlib.nullcontext() if (not ddp or micro == args.grad_accum - 1) else model.no_sync()
+            with sync:
+                with autocast():
+                    pred = model(noisy, t, emb, conds, ref_lat, ref_emb, index)
+                loss = F.mse_loss(pred.float(), target)  # paper eq. 1
+                (loss / args.grad_accum).backward()
+            losses.append(loss.item())
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if is_main and (done % args.log_every == 0 or done == args.steps):
+            dt = (time.time() - t_last) / len(losses) * args.grad_accum
+            log_rows.append(dict(step=done, loss=f"{np.mean(losses):.5f}", lr=args.lr, sec_per_step=f"{dt:.4f}",
+                                 samples_per_sec=f"{args.batch_size * args.grad_accum * world / dt:.2f}"))
+            write_log()
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", s_per_step=f"{dt:.3f}")
+            losses, t_last = [], time.time()
+        if is_main and ((args.sample_every and done % args.sample_every == 0) or done == args.steps):
+            grid = sample_grid(gen, vae, enc, schedule, val, args, device, autocast)
+            common.save_image(os.path.join(args.out, "samples", f"step_{done:06d}.png"), grid)
+        if is_main and (done % args.save_every == 0 or done == args.steps):
+            save(done)
+    if ddp:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if is_main:
+        print(f"wrote '{args.out}': reference_unet/, denoising_unet/, guiders.safetensors, scheduler/, "
+              f"checkpoint.pt (step {args.steps}), log.csv, samples/")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
