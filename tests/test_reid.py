@@ -275,3 +275,34 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     assert "skipped 1 unreadable" in r.stdout
     assert "0003_c1s1_999999_00.jpg" in r.stderr
     assert (out / "model.pt").exists()
+
+
+def test_imagenet_weights_unavailable_is_one_clear_error(monkeypatch):
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(common.UserError, match="--backbone-weights PATH"):
+        common.build_reid_model("resnet18", 3, "imagenet")
+
+
+def test_backbone_weights_from_file(tmp_path):
+    import torchvision
+    ref = torchvision.models.resnet18(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    m = common.build_reid_model("resnet18", 5, str(tmp_path / "r18.pth"))
+    assert torch.equal(m.backbone.conv1.weight, ref.conv1.weight)
+    x = torch.randn(2, 3, 32, 16)
+    ref.fc = torch.nn.Identity()
+    ref.eval(), m.eval()
+    assert torch.allclose(m(x)[0], ref(x)) and m(x)[1].shape == (2, 5)
+
+
+def test_ddp_two_processes_cpu(tmp_path):
+    root = make_market(tmp_path / "data")
+    out = tmp_path / "reid"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                        os.path.join(ROOT, "04_train_reid.py"), "--data-root", str(root), "--out", str(out),
+                        "--iters", "4", "--device", "cpu", *TINY], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(out / "model.pt", weights_only=False)["iterations"] == 4
