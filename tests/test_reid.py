@@ -306,3 +306,23 @@ def test_ddp_two_processes_cpu(tmp_path):
                         "--iters", "4", "--device", "cpu", *TINY], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(out / "model.pt", weights_only=False)["iterations"] == 4
+
+
+def test_summarize_mean_and_spread_into_readme(tmp_path):
+    res = tmp_path / "results"
+    for variant, split, seed, m in [("base", "same", 0, 0.50), ("base", "same", 1, 0.60), ("base", "shifted", 0, 0.2),
+                                    ("vi", "same", 0, 0.55)]:
+        common.save_json(str(res / f"{variant}_s{seed}_{split}.json"),
+                         dict(name=f"{variant}_s{seed}_{split}", variant=variant, seed=seed, split=split, mAP=m, R1=m + 0.1))
+    (tmp_path / "stage_times.csv").write_text("stage,seconds\n")
+    (res / "stage_times.csv").write_text("stage,seconds\nworld,10\nreid,3\nreid,4\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\nrest\n")
+    run("05_evaluate.py", "--summarize", res, "--readme", readme)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("<!-- results:end -->\nrest\n")
+    base = [l for l in text.splitlines() if l.startswith("| (I) no augmentation")][0]
+    # mean 55.0, sample std of (50, 60) = 7.07; R1 65.0 +- 7.1; shifted has one seed
+    assert "55.0 ± 7.1 | 65.0 ± 7.1 | 20.0 | 30.0 | 2 |" in base, base
+    assert "| (VI) both = Diff-ID | 55.0 | 65.0 |  |  | 1 |" in text
+    assert "| reid | 7 |" in text
