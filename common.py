@@ -780,8 +780,12 @@ def from_pretrained(cls, path_or_id, subfolder=None, what="weights"):
     elif os.path.exists(path_or_id) or path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") != 1:
         raise UserError(f"{what} '{path_or_id}' does not exist (give a local folder or a hub id like "
                         f"'runwayml/stable-diffusion-v1-5')")
+    kw = {"subfolder": subfolder} if subfolder else {}
+    if cls.__module__.startswith("diffusers.models"):
+        from diffusers.utils import is_accelerate_available
+        kw["low_cpu_mem_usage"] = is_accelerate_available()  # no warning per model when it is absent
     try:
-        return cls.from_pretrained(path_or_id, **({"subfolder": subfolder} if subfolder else {}))
+        return cls.from_pretrained(path_or_id, **kw)
     except (OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load {what} from '{where}': {msg}")
