@@ -43,6 +43,9 @@ p.add_argument("--K", type=int, default=8, help="images per identity in a batch"
 p.add_argument("--iters", type=int, default=20000)
 p.add_argument("--lr", type=float, default=1e-5, help="backbone learning rate")
 p.add_argument("--lr-classifier", type=float, default=1e-4)
+p.add_argument("--warmup", type=int, default=0, help="iterations of linear learning-rate warm-up")
+p.add_argument("--lr-steps", type=int, nargs="*", default=[], help="iterations where the learning rates drop by --gamma")
+p.add_argument("--gamma", type=float, default=0.1)
 p.add_argument("--weight-decay", type=float, default=5e-4, help="the paper does not say; torchreid's default")
 p.add_argument("--margin", type=float, default=0.5, help="triplet margin")
 p.add_argument("--max-aug-share", type=float, default=1.0,
@@ -150,7 +153,14 @@ def main():
     t0 = time.time()
     bar = tqdm(total=args.iters, initial=start, desc="train re-id", disable=not master, mininterval=1.0)
     it = start
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     for x, y, _ in (loader if it < args.iters else []):  # --iters 0 saves the untrained model
+        # iteration-based schedule, a pure function of the iteration (so resuming needs no state):
+        # linear warm-up, then a drop by gamma at each of --lr-steps (paper: constant)
+        factor = min(1.0, (it + 1) / args.warmup) if args.warmup else 1.0
+        factor *= args.gamma ** sum(it >= m for m in args.lr_steps)
+        for g, lr in zip(optimizer.param_groups, base_lrs):
+            g["lr"] = lr * factor
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             feat, logits = ddp_model(x)
@@ -166,7 +176,7 @@ def main():
         if master and (it % args.log_every == 0 or it == args.iters):
             acc = (logits.argmax(1) == y).float().mean().item()
             dt = (time.time() - t0) / (it - start)
-            log.write(f"{it},{loss.item():.5f},{l_tri.item():.5f},{l_ce.item():.5f},{acc:.4f},{args.lr:g},{dt:.4f}\n")
+            log.write(f"{it},{loss.item():.5f},{l_tri.item():.5f},{l_ce.item():.5f},{acc:.4f},{optimizer.param_groups[0]['lr']:.3g},{dt:.4f}\n")
             log.flush()
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
         if master and (it % args.ckpt_every == 0 or it == args.iters):

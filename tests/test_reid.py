@@ -192,9 +192,12 @@ TINY = ["--arch", "resnet18", "--height", "32", "--width", "16", "--P", "4", "--
 def test_train_and_evaluate_random_images(tmp_path):
     root = make_market(tmp_path / "data")
     out = tmp_path / "runs" / "reid" / "base"
-    run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", 6, "--log-every", 2, *TINY)
+    run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", 6, "--log-every", 2,
+        "--warmup", 4, "--lr-steps", 5, *TINY)
     log = (out / "log.csv").read_text().splitlines()
     assert log[0].startswith("iteration,loss") and [l.split(",")[0] for l in log[1:]] == ["2", "4", "6"]
+    # warm-up over 4 iterations, then x0.1 from the 6th: learning rate used at iterations 2, 4, 6
+    assert [float(l.split(",")[5]) for l in log[1:]] == pytest.approx([0.5e-5, 1e-5, 1e-6])
     assert np.isfinite([float(l.split(",")[1]) for l in log[1:]]).all()
     r = run("05_evaluate.py", "--model", out / "model.pt", "--data-root", root, "--no-size-check", "--workers", 0)
     res = json.loads((tmp_path / "runs" / "results" / "base.json").read_text())
