@@ -260,3 +260,206 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
         o2 = gen2(x, t, emb, conds, ref, emb, torch.tensor([1, -1]))
     assert torch.equal(o1, o2)
     assert schedule["beta_schedule"] == "scaled_linear" and not [f for f in os.listdir(d) if f.startswith(".tmp")]
+
+# -----------------------------------------------------------------------------
+# 02 and 03 end to end, offline, through the same from_pretrained path as SD-1.5
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("gen"))
+    data, cond = make_world(root)
+    targets = make_targets(root)
+    sd, enc = make_sd_folder(root)
+    return dict(root=root, data=data, cond=cond, targets=targets, sd=sd, enc=enc)
+
+
+def train_args(w, out, steps, *extra):
+    return ["--data", w["data"], "--conditions", w["cond"], "--out", out, "--pretrained", w["sd"], "--image-encoder", w["enc"],
+            "--resolution", f"{W}x{H}", "--steps", steps, "--batch-size", 2, "--lr", 1e-3, "--sample-every", 0,
+            "--sample-steps", 2, "--log-every", 1, "--threads", 1, *extra]
+
+
+def read_ckpt(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    """02 with HF_HUB_OFFLINE=1 on the tiny SD-1.5-style folder: straight, and killed + rerun."""
+    a = os.path.join(world["root"], "gen_a")
+    r = script("02_train_generator.py", *train_args(world, a, 24, "--save-every", 4))
+    assert r.returncode == 0, r.stderr[-3000:]
+    b = os.path.join(world["root"], "gen_b")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "02_train_generator.py"), *map(str, train_args(world, b, 24, "--save-every", 4))],
+                         env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not os.path.exists(os.path.join(b, "checkpoint.pt")) and time.time() - t0 < 120:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = read_ckpt(b)["step"]
+    r2 = script("02_train_generator.py", *train_args(world, b, 24, "--save-every", 4))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    return dict(a=a, b=b, killed=p.returncode, killed_at=killed_at, log=r.stdout + r.stderr, resumed=r2.stdout)
+
+
+def test_02_offline_pretrained_path_and_resume_after_kill(trained):
+    assert "weights: U-Net + VAE from" in trained["log"] and "image encoder from" in trained["log"]
+    assert trained["killed"] == -signal.SIGKILL and trained["killed_at"] < 24, "the run finished before the kill"
+    assert f"resumed from" in trained["resumed"]
+    ca, cb = read_ckpt(trained["a"]), read_ckpt(trained["b"])
+    assert ca["step"] == cb["step"] == 24
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])  # the kill changed nothing
+    with open(os.path.join(trained["b"], "log.csv")) as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == list(range(1, 25))
+    for sub in ("reference_unet", "denoising_unet", "scheduler"):
+        assert os.path.isdir(os.path.join(trained["a"], sub))
+    assert not os.path.isdir(os.path.join(trained["a"], "vae"))  # the pretrained VAE stays where it is
+    gen, *_ = common.load_generator(trained["a"])
+    assert all(torch.equal(gen.state_dict()[k], ca["model"][k]) for k in ca["model"])  # export == checkpoint
+
+
+def gen_args(w, gen, out, *extra):
+    return ["--generator", gen, "--data", w["data"], "--targets", w["targets"], "--out", out, "--refs-per-pid", 2,
+            "--batch-size", 2, "--threads", 1, *extra]
+
+
+def listing(out):
+    files = sorted(os.listdir(os.path.join(out, "bounding_box_train")))
+    with open(os.path.join(out, "manifest.csv")) as f:
+        text = f.read()
+    return files, text
+
+
+def test_03_reference_unet_runs_once_per_reference(world, trained, monkeypatch, tmp_path):
+    s03 = load_script("03_generate.py")
+    calls = []
+    load = common.load_generator
+    def counting(folder):
+        res = load(folder)
+        res[0].reference_unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+        return res
+    monkeypatch.setattr(common, "load_generator", counting)
+    out = str(tmp_path / "aug")
+    s03.generate(list(map(str, gen_args(world, trained["a"], out, "--steps", 3))))
+    files, text = listing(out)
+    assert len(files) == 3 * 2 * 5  # 3 ids x 2 references x 5 targets, in batches of 2: 3 batches per reference
+    assert calls == [1] * 6  # one reference U-Net forward per reference, for all its batches and steps
+    calls.clear()
+    s03.generate(list(map(str, gen_args(world, trained["a"], out, "--steps", 3))))  # nothing left to do
+    assert calls == []
+    res = s03.generate(list(map(str, gen_args(world, trained["a"], out, "--steps", 3, "--benchmark", 4))))
+    assert res["cached"] > 0 and res["recomputed"] > 0
+    # 4 images of one reference in 2 batches: warm-up 1; cached 1; uncached 1 + 3 steps x 2 batches
+    assert len(calls) == 1 + 1 + (1 + 3 * 2)
+
+
+def test_03_kill_rerun_and_shards_match_a_straight_run(world, trained, tmp_path):
+    from PIL import Image
+    a = str(tmp_path / "a")
+    r = script("03_generate.py", *gen_args(world, trained["a"], a, "--steps", 10))
+    assert r.returncode == 0, r.stderr[-3000:]
+    files_a, man_a = listing(a)
+    assert len(files_a) == 30 and len(man_a.strip().splitlines()) == 31
+    rows = list(csv.DictReader(open(os.path.join(a, "manifest.csv"))))
+    assert rows[0].keys() == set(["file", "source", "pid", "target_id", "pose_id", "elevation", "azimuth", "seed"])
+    for row in rows:
+        pid, cam = common.parse_name(row["file"])
+        assert pid == int(row["pid"]) == common.parse_name(row["source"])[0] and cam == common.AUG_CAMERA - 1
+    # killed mid-run, then rerun
+    b = str(tmp_path / "b")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "03_generate.py"), *map(str, gen_args(world, trained["a"], b, "--steps", 10))],
+                         env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not os.path.exists(os.path.join(b, "manifest.csv")) and time.time() - t0 < 120:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    files_k, man_k = listing(b)
+    assert 0 < len(files_k) < 30
+    assert set(r["file"].split("/")[1] for r in csv.DictReader(open(os.path.join(b, "manifest.csv")))) <= set(files_k)
+    r = script("03_generate.py", *gen_args(world, trained["a"], b, "--steps", 10))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert listing(b) == (files_a, man_a)
+    for f in files_a:  # complete images, the same up to batch-composition float noise
+        x = np.asarray(Image.open(os.path.join(a, "bounding_box_train", f)), np.float32)
+        y = np.asarray(Image.open(os.path.join(b, "bounding_box_train", f)), np.float32)
+        assert x.shape == y.shape == (H, W, 3) and np.abs(x - y).mean() < 3
+    # two shards into one folder = the straight run
+    c = str(tmp_path / "c")
+    for i in range(2):
+        r = script("03_generate.py", *gen_args(world, trained["a"], c, "--steps", 10, "--shard", f"{i}/2"))
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert listing(c) == (files_a, man_a)
+    # --num-images caps what is added
+    d = str(tmp_path / "d")
+    r = script("03_generate.py", *gen_args(world, trained["a"], d, "--steps", 2, "--num-images", 7))
+    assert r.returncode == 0 and len(listing(d)[0]) == 7
+
+
+def test_fidelity_metrics_and_controls(world, tmp_path):
+    s03 = load_script("03_generate.py")
+    gdir, odir = tmp_path / "gen", tmp_path / "oracle"
+    rows = ["file,source,pid,target_id,pose_id,elevation,azimuth,seed"]
+    for pid in (1, 2):
+        for ti in range(3):
+            f = f"bounding_box_train/{pid:04d}_c9s1_00{ti:04d}_00.jpg"
+            img, _, mask = person(0, pid, pose=4 * ti)
+            common.save_image(str(odir / f), img)
+            common.save_image(str(odir / "masks" / (os.path.basename(f)[:-4] + ".png")), (mask * 255).astype(np.uint8))
+            common.save_image(str(gdir / f), img)
+            rows.append(f"{f},src{pid}.jpg,{pid},t{ti},{ti},10,0,0")
+    common.save_text(str(gdir / "manifest.csv"), "\n".join(rows) + "\n")
+    res = s03.fidelity(["--generated", str(gdir), "--oracle", str(odir)])
+    assert res["images"] == 6 and res["oracle_masks"] == "files"
+    assert res["ssim"] > 0.95 and res["mask_iou"] > 0.8
+    assert res["control_pose_shuffled"]["mask_iou"] < res["mask_iou"]
+    assert res["control_other_identity"]["psnr"] < res["psnr"]
+    assert os.path.isfile(gdir / "fidelity.json")
+    a = np.random.default_rng(0).random((32, 16, 3))
+    assert s03.ssim(a, a) == pytest.approx(1.0) and s03.ssim(a, 1 - a) < 0.1
+
+# -----------------------------------------------------------------------------
+# bad input: one clear line, exit status 2
+
+def one_line_error(capsys, mod, argv, monkeypatch, main=None):
+    monkeypatch.setattr(sys, "argv", ["x", *map(str, argv)])
+    with pytest.raises(SystemExit) as e:
+        common.run_main(main or mod.main)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_bad_inputs_give_one_line(world, trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s02, s03 = load_script("02_train_generator.py"), load_script("03_generate.py")
+    base = lambda out: train_args(world, str(tmp_path / out), 1)
+    args = base("o1")
+    args[args.index("--pretrained") + 1] = str(tmp_path / "nope")
+    assert "does not exist" in one_line_error(capsys, s02, args, monkeypatch)
+    os.makedirs(tmp_path / "empty_folder")
+    args[args.index("--pretrained") + 1] = str(tmp_path / "empty_folder")
+    assert "not a diffusers" in one_line_error(capsys, s02, args, monkeypatch)
+    args[args.index("--pretrained") + 1] = "someone/not-cached-model"
+    assert "cannot load" in one_line_error(capsys, s02, args, monkeypatch)
+    # conditions missing for an image
+    cond = str(tmp_path / "cond")
+    import shutil
+    shutil.copytree(world["cond"], cond)
+    victim = sorted(os.listdir(os.path.join(cond, "bounding_box_train")))[0]
+    os.remove(os.path.join(cond, "bounding_box_train", victim))
+    args = base("o2")
+    args[args.index("--conditions") + 1] = cond
+    assert "condition maps missing" in one_line_error(capsys, s02, args, monkeypatch)
+    # empty target set, and a generator folder that is not one
+    tdir = tmp_path / "targets_empty"
+    common.save_text(str(tdir / "targets.csv"), "target_id,pose_id,pose_source,elevation,azimuth\n")
+    g = gen_args(world, trained["a"], str(tmp_path / "aug"))
+    g[g.index("--targets") + 1] = str(tdir)
+    assert "empty" in one_line_error(capsys, s03, g, monkeypatch)
+    g = gen_args(world, str(tmp_path / "nogen"), str(tmp_path / "aug"))
+    assert "not a generator folder" in one_line_error(capsys, s03, g, monkeypatch)
+    assert "manifest" in one_line_error(capsys, s03, ["fidelity", "--generated", str(tmp_path), "--oracle", str(tmp_path)], monkeypatch)
