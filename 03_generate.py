@@ -280,8 +280,11 @@ def ssim(a, b, sigma=1.5, size=11):
     return float((((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean())
 
 
-def psnr(a, b):
-    return float(10 * np.log10(1.0 / max(np.mean((a - b) ** 2), 1e-10)))
+def psnr(a, b, mask=None):
+    """PSNR in dB of [0,1] images; mask: only those pixels (the person: backgrounds of generated
+    and oracle images come from different cameras, so the whole-image figure mixes them in)."""
+    d = (a - b) ** 2 if mask is None else ((a - b) ** 2)[mask]
+    return float(10 * np.log10(1.0 / max(np.mean(d) if d.size else 1.0, 1e-10)))
 
 
 def iou(m1, m2):
@@ -294,8 +297,8 @@ def fidelity(argv):
                                 "images against the oracle renders of the same names, with controls")
     p.add_argument("--generated", required=True, help="variant folder: manifest.csv + bounding_box_train/")
     p.add_argument("--oracle", required=True, help="oracle folder of the same layout and file names (01 oracle)")
-    p.add_argument("--oracle-masks", default=None, help="folder of oracle foreground masks <stem>.png "
-                   "(default <oracle>/masks if it exists, else estimated like the generated ones)")
+    p.add_argument("--oracle-masks", default=None, help="folder of oracle foreground masks <stem>.mask.png "
+                   "(default <oracle>/masks, written by 01 oracle; else estimated like the generated ones)")
     p.add_argument("--out", default=None, help="JSON to write (default <generated>/fidelity.json)")
     args = p.parse_args(argv)
     from PIL import Image
@@ -322,7 +325,7 @@ def fidelity(argv):
         g = load(os.path.join(args.generated, r["file"]))
         size = (g.shape[1], g.shape[0])
         o = load(os.path.join(args.oracle, r["file"]), size)
-        mp = os.path.join(masks_dir, os.path.splitext(os.path.basename(r["file"]))[0] + ".png")
+        mp = os.path.join(masks_dir, os.path.splitext(os.path.basename(r["file"]))[0] + ".mask.png")
         if os.path.isfile(mp):
             with Image.open(mp) as im:
                 om = np.asarray(im.convert("L").resize(size, Image.NEAREST)) > 127
@@ -335,36 +338,43 @@ def fidelity(argv):
     for r in have:
         by_src.setdefault(r["source"], []).append(r)
         by_tgt.setdefault(r["target_id"], []).append(r)
-    m = {k: [] for k in ("psnr", "ssim", "mask_iou", "shuf_psnr", "shuf_iou", "other_psnr", "other_iou")}
+    m = {k: [] for k in ("psnr", "psnr_fg", "ssim", "mask_iou", "shuf_psnr", "shuf_psnr_fg", "shuf_iou",
+                         "other_psnr", "other_psnr_fg", "other_iou")}
     for r in tqdm(have, desc="fidelity"):
         f = r["file"]
         m["psnr"].append(psnr(gen[f], ora[f]))
+        m["psnr_fg"].append(psnr(gen[f], ora[f], omask[f]))
         m["ssim"].append(ssim(gen[f], ora[f]))
         m["mask_iou"].append(iou(gmask[f], omask[f]))
         same = [q for q in by_src[r["source"]] if q["target_id"] != r["target_id"]]
         if same:
             q = same[len(m["psnr"]) % len(same)]["file"]  # deterministic pick
             m["shuf_psnr"].append(psnr(gen[f], ora[q]))
+            m["shuf_psnr_fg"].append(psnr(gen[f], ora[q], omask[q]))
             m["shuf_iou"].append(iou(gmask[f], omask[q]))
         other = [q for q in by_tgt[r["target_id"]] if q["pid"] != r["pid"]]
         if other:
             q = other[len(m["psnr"]) % len(other)]["file"]
             m["other_psnr"].append(psnr(gen[f], ora[q]))
+            m["other_psnr_fg"].append(psnr(gen[f], ora[q], omask[q]))
             m["other_iou"].append(iou(gmask[f], omask[q]))
     mean = lambda v: float(np.mean(v)) if v else None
     res = dict(generated=args.generated, oracle=args.oracle, images=len(have), images_without_oracle=len(rows) - len(have),
-               psnr=mean(m["psnr"]), ssim=mean(m["ssim"]), mask_iou=mean(m["mask_iou"]),
-               control_pose_shuffled=dict(psnr=mean(m["shuf_psnr"]), mask_iou=mean(m["shuf_iou"]), n=len(m["shuf_iou"])),
-               control_other_identity=dict(psnr=mean(m["other_psnr"]), mask_iou=mean(m["other_iou"]), n=len(m["other_iou"])),
+               psnr=mean(m["psnr"]), psnr_foreground=mean(m["psnr_fg"]), ssim=mean(m["ssim"]), mask_iou=mean(m["mask_iou"]),
+               control_pose_shuffled=dict(psnr=mean(m["shuf_psnr"]), psnr_foreground=mean(m["shuf_psnr_fg"]),
+                                          mask_iou=mean(m["shuf_iou"]), n=len(m["shuf_iou"])),
+               control_other_identity=dict(psnr=mean(m["other_psnr"]), psnr_foreground=mean(m["other_psnr_fg"]),
+                                           mask_iou=mean(m["other_iou"]), n=len(m["other_iou"])),
                oracle_masks="files" if os.path.isdir(masks_dir) else "estimated")
     out = args.out or os.path.join(args.generated, "fidelity.json")
     common.save_json(out, res)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
-    print(f"{len(have)} images vs oracle: PSNR {fmt(res['psnr'])} dB, SSIM {fmt(res['ssim'])}, mask IoU {fmt(res['mask_iou'])}")
-    print(f"  control, pose shuffled (same identity, other target): PSNR {fmt(res['control_pose_shuffled']['psnr'])}, "
-          f"mask IoU {fmt(res['control_pose_shuffled']['mask_iou'])}")
-    print(f"  control, other identity (same target pose):           PSNR {fmt(res['control_other_identity']['psnr'])}, "
-          f"mask IoU {fmt(res['control_other_identity']['mask_iou'])}")
+    print(f"{len(have)} images vs oracle: PSNR {fmt(res['psnr'])} dB (person only {fmt(res['psnr_foreground'])}), "
+          f"SSIM {fmt(res['ssim'])}, mask IoU {fmt(res['mask_iou'])}")
+    for name, key in (("pose shuffled (same identity, other target)", "control_pose_shuffled"),
+                      ("other identity (same target pose)", "control_other_identity")):
+        c = res[key]
+        print(f"  control, {name}: PSNR {fmt(c['psnr'])} (person only {fmt(c['psnr_foreground'])}), mask IoU {fmt(c['mask_iou'])}")
     print(f"wrote {out}")
     return res
 

@@ -785,7 +785,9 @@ def from_pretrained(cls, path_or_id, subfolder=None, what="weights"):
         from diffusers.utils import is_accelerate_available
         kw["low_cpu_mem_usage"] = is_accelerate_available()  # no warning per model when it is absent
     try:
-        return cls.from_pretrained(path_or_id, **kw)
+        with warnings.catch_warnings():  # huggingface_hub deprecation noise on every hub lookup
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            return cls.from_pretrained(path_or_id, **kw)
     except (OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load {what} from '{where}': {msg}")

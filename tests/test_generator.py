@@ -408,7 +408,7 @@ def test_fidelity_metrics_and_controls(world, tmp_path):
             f = f"bounding_box_train/{pid:04d}_c9s1_00{ti:04d}_00.jpg"
             img, _, mask = person(0, pid, pose=4 * ti)
             common.save_image(str(odir / f), img)
-            common.save_image(str(odir / "masks" / (os.path.basename(f)[:-4] + ".png")), (mask * 255).astype(np.uint8))
+            common.save_image(str(odir / "masks" / (os.path.basename(f)[:-4] + ".mask.png")), (mask * 255).astype(np.uint8))
             common.save_image(str(gdir / f), img)
             rows.append(f"{f},src{pid}.jpg,{pid},t{ti},{ti},10,0,0")
     common.save_text(str(gdir / "manifest.csv"), "\n".join(rows) + "\n")
@@ -417,6 +417,7 @@ def test_fidelity_metrics_and_controls(world, tmp_path):
     assert res["ssim"] > 0.95 and res["mask_iou"] > 0.8
     assert res["control_pose_shuffled"]["mask_iou"] < res["mask_iou"]
     assert res["control_other_identity"]["psnr"] < res["psnr"]
+    assert res["control_other_identity"]["psnr_foreground"] < res["psnr_foreground"]
     assert os.path.isfile(gdir / "fidelity.json")
     a = np.random.default_rng(0).random((32, 16, 3))
     assert s03.ssim(a, a) == pytest.approx(1.0) and s03.ssim(a, 1 - a) < 0.1
