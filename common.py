@@ -237,16 +237,20 @@ class PKSampler:
 
 
 def build_reid_model(arch, num_classes, weights=None):
-    """torchvision ResNet trunk -> global average pool -> feature (2048-d for resnet50, the
-    paper's triplet feature) -> linear classifier (cross-entropy). No BNNeck: the paper uses
+    """torchvision trunk (ResNet50 in the paper; any torchvision classifier with an fc head,
+    e.g. resnet18 or shufflenet_v2_x0_5 for CPU runs) -> global average pool -> feature (2048-d
+    for resnet50, the paper's triplet feature) -> linear classifier (cross-entropy). No BNNeck: the paper uses
     the pooled feature for both losses. weights: None, 'imagenet' (torchvision download), or a
     path to a torchvision state dict for the trunk."""
     import torch
     import torchvision
 
-    if not hasattr(torchvision.models, arch):
-        raise UserError(f"unknown --arch '{arch}': use a torchvision ResNet such as resnet50, resnet18")
-    trunk = getattr(torchvision.models, arch)(weights=None)
+    if arch not in torchvision.models.list_models(torchvision.models):
+        raise UserError(f"unknown --arch '{arch}': use a torchvision classifier with an fc head "
+                        f"(resnet50, resnet18, shufflenet_v2_x0_5, regnet_x_400mf, ...)")
+    trunk = torchvision.models.get_model(arch, weights=None)
+    if not isinstance(getattr(trunk, "fc", None), torch.nn.Linear):
+        raise UserError(f"--arch '{arch}' has no fc head: use a ResNet, ResNeXt, RegNet or ShuffleNetV2")
     if weights == "imagenet":
         url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
         try:
