@@ -254,8 +254,8 @@ class Renderer:
         self.mesh_node = None
         self.flags = pyrender.RenderFlags.NONE  # back faces culled: the body is a closed, outward-wound mesh
         # sparse vertex-face incidence: smooth vertex normals in one mat-vec product per frame
-        import scipy.sparse
         self.incidence = {}
+        self._setup((16, 16))  # open the GL context now: a missing backend fails before any work
 
     def _incidence(self, faces, nv):
         key = (id(faces), len(faces), nv)
@@ -485,7 +485,7 @@ def upright(global_orient, up="z"):
         R = Rotation.from_euler("x", -90, degrees=True) * R
     f = R.apply([0.0, 0.0, 1.0])
     yaw = np.degrees(np.arctan2(f[:, 0], f[:, 2]))
-    return (Rotation.from_euler("y", -yaw, degrees=True) * R).as_rotvec()
+    return (Rotation.from_euler("y", -yaw[:, None], degrees=True) * R).as_rotvec()
 
 
 def load_pose_bank(path, up="z"):
@@ -1172,8 +1172,11 @@ def main():
     f.add_argument("--targets", required=True)
     f.add_argument("--out", default="runs/demo/results/figures")
     f.add_argument("--tsne-max", type=int, default=1000, help="at most this many poses per set in the t-SNE")
+    for p in (w, c, t, o, f):
+        p.add_argument("--smpl-model", dest="sub_smpl_model", default=None, help="as the top-level --smpl-model")
     args = ap.parse_args()
     args.size = getattr(args, "sub_size", None) or args.size
+    args.smpl_model = getattr(args, "sub_smpl_model", None) or args.smpl_model
     if args.benchmark:
         return benchmark(args)
     if args.cmd is None:
