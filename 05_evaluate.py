@@ -227,6 +227,7 @@ def main():
     table = os.path.join(results_dir, "results.md")
     header = "| name | test set | mAP | R1 | R5 | R10 | mINP |\n|---|---|---|---|---|---|---|\n"
     old = open(table).read() if os.path.exists(table) else header
+    old = "".join(l for l in old.splitlines(True) if not l.startswith(f"| {name} |"))  # a rerun replaces its row
     line = (f"| {name} | {test_root} | {100 * r['mAP']:.1f} | {100 * row['R1']:.1f} | {100 * row['R5']:.1f} "
             f"| {100 * row['R10']:.1f} | {100 * r['mINP']:.1f} |\n")
     common.save_text(table, old + line)

@@ -68,24 +68,83 @@ stage() {  # stage NAME SCRIPT ARGS...: run a stage script, time it, stop with i
   echo "$name,$((SECONDS - t0))" >> "$TIMES"
 }
 
+# Table 1 rows: which poses and viewpoints each augmentation variant draws its targets from
+#   ii: in-distribution poses + train-like viewpoints   iii: out-of-distribution poses, train-like views
+#   iv: in-distribution poses + uniform viewpoints      vi: both (Diff-ID)
+# (V, a randomly initialised diffusion model, is what the demo's --from-scratch generator is.)
+declare -A POSES=([ii]=id [iii]=ood [iv]=id [vi]=ood)
+declare -A VIEWS=([ii]=train [iii]=train [iv]=uniform [vi]=uniform)
+VARIANTS="ii iii iv vi"
+
 if [ "$DATASET" = demo ]; then
+  SIZE=64x128
   if [ $SMOKE = 1 ]; then
-    WORLD_ARGS=(--smoke); GEN_STEPS=20; REID=(--arch resnet18 --height 64 --width 32 --P 8 --K 4 --iters 20)
+    WORLD=(--smoke); TARGETS=(--num-poses 4 --views-per-pose 2)
+    GEN=(--from-scratch --vae-steps 30 --steps 20 --sample-every 0 --save-every 20)
+    GENERATE=(--refs-per-pid 1 --targets-per-ref 2 --steps 4)
+    REID=(--arch shufflenet_v2_x0_5 --height 64 --width 32 --P 8 --K 4 --iters 20 --max-aug-share 0.5)
     SEEDS=${SEEDS:-0}
   else
-    WORLD_ARGS=(); GEN_STEPS=3000; REID=(--arch resnet18 --height 128 --width 64 --P 16 --K 4 --iters 1500)
+    WORLD=(); TARGETS=(--num-poses 20 --views-per-pose 5)
+    GEN=(--from-scratch --lr 1e-3 --steps 3000 --sample-every 500)
+    GENERATE=(--refs-per-pid 2 --targets-per-ref 15)
+    REID=(--arch resnet18 --height 128 --width 64 --P 16 --K 4 --iters 1500 --max-aug-share 0.5)
     SEEDS=${SEEDS:-0 1 2}
   fi
   DATA_ROOT=$RUN/world
-  stage world 01_render_smpl.py world --out "$DATA_ROOT" "${WORLD_ARGS[@]}"
+  SPLITS="same:$DATA_ROOT shifted:$DATA_ROOT/shifted"
+  NOCHECK=--no-size-check
+  stage world 01_render_smpl.py world --out "$DATA_ROOT" "${WORLD[@]}"
   stage conditions 01_render_smpl.py conditions --data "$DATA_ROOT" --out "$RUN/conditions"
+else
+  # the paper's settings: 192x384 generator, 20 target poses x 4 viewpoints (65-70 per reference),
+  # ResNet50 from ImageNet, P=32 K=8, 20k iterations
+  SIZE=192x384
+  TARGETS=(--num-poses 20 --views-per-pose 4)
+  GEN=(--pretrained "$PRETRAINED" --image-encoder "$IMAGE_ENCODER" --amp --steps ${GEN_STEPS:-30000})
+  [ -d "$IMAGE_ENCODER/image_encoder" ] && GEN+=(--image-encoder-subfolder image_encoder)
+  GENERATE=(--refs-per-pid 5-7 --targets-per-ref 70 --amp --num-images $([ "$DATASET" = market1501 ] && echo 45500 || echo 49000))
+  REID=(--backbone-weights "${RESNET_WEIGHTS:-imagenet}" ${AMP:+--amp})
+  SEEDS=${SEEDS:-0}
+  SPLITS="same:$DATA_ROOT"
+  NOCHECK=
+  mkdir -p "$RUN"
+  [ -e "$DATA_ROOT/smpl" ] || ln -s "$(cd "$SMPL_DIR" && pwd)" "$DATA_ROOT/smpl" 2>/dev/null || true
+  stage conditions 01_render_smpl.py conditions --data "$DATA_ROOT" --out "$RUN/conditions" --size $SIZE
 fi
 
-# Re-ID baseline (I) and evaluation: the rows of Table 1 that need no generator
-for seed in ${SEEDS:-0}; do
-  stage "reid base seed $seed" 04_train_reid.py --data-root "$DATA_ROOT" --out "$RUN/reid/base_s$seed" --seed "$seed" \
-    ${REID[@]+"${REID[@]}"} $([ "$DATASET" = demo ] && echo --no-size-check || true) ${DEVICE:+--device $DEVICE}
-  stage "evaluate base seed $seed" 05_evaluate.py --model "$RUN/reid/base_s$seed/model.pt" --data-root "$DATA_ROOT" \
-    --name "base_s${seed}_same" --results "$RUN/results" $([ "$DATASET" = demo ] && echo --no-size-check || true)
+for v in $VARIANTS; do
+  stage "targets $v" 01_render_smpl.py targets --out "$RUN/targets/$v" --poses ${POSES[$v]} --views ${VIEWS[$v]} \
+    --size $SIZE "${TARGETS[@]}"
 done
-echo "done: results in $RUN/results/results.md, stage times in $TIMES"
+stage generator 02_train_generator.py --data "$DATA_ROOT" --conditions "$RUN/conditions" --out "$RUN/generator" \
+  --resolution $SIZE "${GEN[@]}" ${DEVICE:+--device $DEVICE}
+for v in $VARIANTS; do
+  stage "generate $v" 03_generate.py --generator "$RUN/generator" --data "$DATA_ROOT" --targets "$RUN/targets/$v" \
+    --out "$RUN/augmented/$v" "${GENERATE[@]}" ${DEVICE:+--device $DEVICE}
+done
+if [ "$DATASET" = demo ]; then
+  # ORACLE row: the same jobs as (VI), rendered as ground truth; and the generator's fidelity
+  stage oracle 01_render_smpl.py oracle --manifest "$RUN/augmented/vi/manifest.csv" --targets "$RUN/targets/vi" \
+    --world "$DATA_ROOT" --out "$RUN/augmented/oracle"
+  stage fidelity 03_generate.py fidelity --generated "$RUN/augmented/vi" --oracle "$RUN/augmented/oracle"
+  stage figures 01_render_smpl.py figures --data "$DATA_ROOT" --targets "$RUN/targets/vi" --out "$RUN/results/figures"
+  VARIANTS="$VARIANTS oracle"
+fi
+
+# Re-ID: one model per row and seed, evaluated on every test split
+for v in base $VARIANTS; do
+  for seed in $SEEDS; do
+    extra=(); [ $v = base ] || extra=(--extra-train "$RUN/augmented/$v/bounding_box_train")
+    stage "reid $v" 04_train_reid.py --data-root "$DATA_ROOT" --out "$RUN/reid/${v}_s$seed" --seed $seed \
+      "${extra[@]}" "${REID[@]}" $NOCHECK ${DEVICE:+--device $DEVICE}
+    for sp in $SPLITS; do
+      stage "evaluate" 05_evaluate.py --model "$RUN/reid/${v}_s$seed/model.pt" --data-root "$DATA_ROOT" \
+        --test-root "${sp#*:}" --name "${v}_s${seed}_${sp%%:*}" --variant $v --seed $seed --split "${sp%%:*}" \
+        --results "$RUN/results" $NOCHECK ${DEVICE:+--device $DEVICE}
+    done
+  done
+done
+README_ARG=(); [ "$DATASET" = demo ] && [ $SMOKE = 0 ] && README_ARG=(--readme README.md)
+python 05_evaluate.py --summarize "$RUN/results" "${README_ARG[@]}"
+echo "done: $RUN/results/summary.md (stage times in $TIMES)"
