@@ -1038,8 +1038,55 @@ def make_figures(args):
     p2 = os.path.join(args.out, "fig3_tsne_poses.png")
     common.atomic_write(p2, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
-    print(f"read {args.data}/smpl/{args.split}.npz and {args.targets}/params.npz; wrote {p1}, {p2} "
+    wrote = [p1, p2] + sample_sheets(args)
+    print(f"read {args.data}/smpl/{args.split}.npz and {args.targets}/params.npz; wrote {', '.join(wrote)} "
           f"in {time.time() - t0:.1f} s")
+
+
+def sample_sheets(args):
+    """Contact sheets to look at: world images (train split vs shifted test split) and condition maps
+    (training images with their aligned maps, if --conditions is given, and the target set's maps)."""
+    from PIL import Image
+    out = []
+    load = lambda p, mode="RGB": np.asarray(Image.open(p).convert(mode))
+    grey = lambda p: np.repeat(load(p, "L")[..., None], 3, 2)
+    rows = []
+    for folder in ("bounding_box_train", "shifted/query"):
+        d = os.path.join(args.data, folder)
+        if os.path.isdir(d):
+            names = sorted(os.listdir(d))
+            pick = [names[i] for i in np.linspace(0, len(names) - 1, min(12, len(names))).astype(int)]
+            rows.append(np.concatenate([load(os.path.join(d, n)) for n in pick], 1))
+    if rows:
+        w = min(r.shape[1] for r in rows)
+        p = os.path.join(args.out, "sheet_world.png")
+        common.save_image(p, np.concatenate([r[:, :w] for r in rows], 0))
+        out.append(p)
+    cols = []
+    cdir = os.path.join(args.conditions, args.split) if args.conditions else None
+    if cdir and os.path.isdir(cdir):
+        d = os.path.join(args.data, args.split)
+        names = sorted(os.listdir(d))
+        for n in [names[i] for i in np.linspace(0, len(names) - 1, 6).astype(int)]:
+            stem = os.path.splitext(n)[0]
+            im = load(os.path.join(d, n))
+            maps = [grey(common.cond_path(cdir, stem, "depth")), load(common.cond_path(cdir, stem, "normal")),
+                    load(common.cond_path(cdir, stem, "skeleton"))]
+            maps = [np.asarray(Image.fromarray(m).resize(im.shape[1::-1])) for m in maps]
+            cols.append(np.concatenate([im] + maps, 0))
+    tdir = os.path.join(args.targets, "maps")
+    ids = sorted({f.split(".")[0] for f in os.listdir(tdir)})[:6] if os.path.isdir(tdir) else []
+    for tid in ids:
+        maps = [grey(common.cond_path(tdir, tid, "depth")), load(common.cond_path(tdir, tid, "normal")),
+                load(common.cond_path(tdir, tid, "skeleton"))]
+        h, w = cols[0].shape[0] // 4 if cols else maps[0].shape[0], cols[0].shape[1] if cols else maps[0].shape[1]
+        maps = [np.asarray(Image.fromarray(m).resize((w, h))) for m in maps]
+        cols.append(np.concatenate([np.zeros_like(maps[0])] + maps, 0) if cdir else np.concatenate(maps, 0))
+    if cols:
+        p = os.path.join(args.out, "sheet_conditions.png")
+        common.save_image(p, np.concatenate(cols, 1))
+        out.append(p)
+    return out
 
 # -----------------------------------------------------------------------------
 # benchmark: condition sets per second on one core, one-pass vs naive separate passes
@@ -1173,6 +1220,7 @@ def main():
     f.add_argument("--targets", required=True)
     f.add_argument("--out", default="runs/demo/results/figures")
     f.add_argument("--tsne-max", type=int, default=1000, help="at most this many poses per set in the t-SNE")
+    f.add_argument("--conditions", default=None, help="conditions folder (e.g. runs/demo/conditions) for the sheet")
     for p in (w, c, t, o, f):
         p.add_argument("--smpl-model", dest="sub_smpl_model", default=None, help="as the top-level --smpl-model")
     args = ap.parse_args()
