@@ -471,12 +471,13 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
-        if is_main and (done % args.log_every == 0 or done == args.steps):
+        if done % args.log_every == 0 or done == args.steps:
             dt = (time.time() - t_last) / len(losses) * args.grad_accum
-            log_rows.append(dict(step=done, loss=f"{np.mean(losses):.5f}", lr=args.lr, sec_per_step=f"{dt:.4f}",
-                                 samples_per_sec=f"{args.batch_size * args.grad_accum * world / dt:.2f}"))
-            write_log()
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", s_per_step=f"{dt:.3f}")
+            if is_main:  # (rank 0's loss; the others only reset their window)
+                log_rows.append(dict(step=done, loss=f"{np.mean(losses):.5f}", lr=args.lr, sec_per_step=f"{dt:.4f}",
+                                     samples_per_sec=f"{args.batch_size * args.grad_accum * world / dt:.2f}"))
+                write_log()
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}", s_per_step=f"{dt:.3f}")
             losses, t_last = [], time.time()
         if is_main and ((args.sample_every and done % args.sample_every == 0) or done == args.steps):
             grid = sample_grid(gen, vae, enc, schedule, val, args, device, autocast)

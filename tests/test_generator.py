@@ -466,3 +466,32 @@ def test_bad_inputs_give_one_line(world, trained, tmp_path, capsys, monkeypatch)
     g = gen_args(world, str(tmp_path / "nogen"), str(tmp_path / "aug"))
     assert "not a generator folder" in one_line_error(capsys, s03, g, monkeypatch)
     assert "manifest" in one_line_error(capsys, s03, ["fidelity", "--generated", str(tmp_path), "--oracle", str(tmp_path)], monkeypatch)
+
+
+def test_02_stage1_video_pairs_then_stage2_init(world, tmp_path, monkeypatch, capsys):
+    s02 = load_script("02_train_generator.py")
+    frames, fcond = tmp_path / "frames", tmp_path / "frame_maps"
+    for vid in ("vidA", "vidB"):
+        for k in range(6):
+            img, maps, _ = person(3, 1 + (vid == "vidB"), pose=k)
+            common.save_image(str(frames / vid / f"{k:05d}.png"), img)
+            for kind, m in maps.items():
+                common.save_image(common.cond_path(str(fcond / vid), f"{k:05d}", kind), m)
+    items, groups = s02.list_pairs_stage1(str(frames), str(fcond))
+    data = s02.PairData(items, groups, (H, W), 0, 1, 3)
+    for k in range(30):  # two frames of one video, at least --min-frame-gap apart
+        t, r = data.pair(k)
+        assert items[t][1] == items[r][1] and abs(int(items[t][2]) - int(items[r][2])) >= 3
+    s1 = str(tmp_path / "stage1")
+    a1 = train_args(world, s1, 2, "--stage", 1)
+    a1[a1.index("--data") + 1], a1[a1.index("--conditions") + 1] = str(frames), str(fcond)
+    monkeypatch.setattr(sys, "argv", ["02", *map(str, a1)])
+    s02.main()
+    a2 = train_args(world, str(tmp_path / "stage2"), 2)
+    i = a2.index("--pretrained")
+    a2[i:i + 4] = ["--init", s1]
+    monkeypatch.setattr(sys, "argv", ["02", *map(str, a2)])
+    s02.main()
+    out = capsys.readouterr().out
+    assert "(init)" in out and os.path.isfile(tmp_path / "stage2" / "checkpoint.pt")
+    gen, *_ = common.load_generator(str(tmp_path / "stage2"))  # VAE/encoder sources carried over from stage 1
