@@ -34,6 +34,7 @@ import tempfile
 import numpy as np
 
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")  # headless OpenGL (Debian's libosmesa6)
+os.environ.setdefault("LP_NUM_THREADS", "1")  # OSMesa's rasteriser: one thread per process, we scale by processes
 import torch
 from tqdm import tqdm
 
@@ -807,6 +808,13 @@ def build_world(args):
                             train_cameras={str(c): e for c, e in TRAIN_CAMS.items()},
                             shifted_cameras=list(SHIFTED_CAMS), oracle_style=f"c{common.AUG_CAMERA}"),
                 styles=styles, identities=idents)
+    old = os.path.join(args.out, "identities.json")
+    if os.path.exists(old) and not args.overwrite:
+        with open(old) as f:
+            prev = json.load(f)
+        if prev.get("seed") == meta["seed"] and prev.get("config") == json.loads(json.dumps(meta["config"])):
+            print(f"world {args.out} exists with the same seed and size: kept (--overwrite rebuilds it)")
+            return
     jobs = world_jobs(meta, rng)
     chunks = []
     for folder, js in jobs.items():
@@ -921,7 +929,8 @@ def make_conditions(args):
             out = os.path.join(args.out, split)
             todo = [i for i, s in enumerate(names) if args.overwrite or
                     not all(os.path.exists(common.cond_path(out, s, k)) for k in common.COND_KINDS)]
-            verts, joints = body_forward(model, p["betas"][todo], p["global_orient"][todo], p["body_pose"][todo])
+            verts, joints = body_forward(model, p["betas"][todo], p["global_orient"][todo], p["body_pose"][todo]) \
+                if todo else ([], [])
             for i, v, jt in tqdm(list(zip(todo, verts, joints)), desc=f"conditions {split}", unit="img"):
                 stored = tuple(int(x) for x in p["image_size"][i])
                 size = parse_size(args.size) if args.size else stored
@@ -1092,7 +1101,6 @@ def sample_sheets(args):
 # benchmark: condition sets per second on one core, one-pass vs naive separate passes
 
 def benchmark(args):
-    os.environ.setdefault("LP_NUM_THREADS", "1")  # llvmpipe (OSMesa) rasterises on one thread too
     torch.set_num_threads(1)
     size = parse_size(args.size or "192x384")
     n = args.bench_n
@@ -1181,6 +1189,7 @@ def main():
     w.add_argument("--images-per-camera", type=int, default=4, help="per id and camera (3 train cameras, 3 shifted)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    w.add_argument("--overwrite", action="store_true", help="rebuild even if the same world exists")
     w.add_argument("--small", action="store_true", help="tiny world for tests (6 train / 4 test ids, 2 per camera)")
     w.add_argument("--smoke", action="store_true", help="smoke-test scale (30 train / 20 test ids, 3 per camera)")
     w.add_argument("--size", dest="sub_size", default=None, help="WIDTHxHEIGHT (default 64x128, like Market-1501)")
@@ -1219,7 +1228,7 @@ def main():
     f.add_argument("--split", default="bounding_box_train")
     f.add_argument("--targets", required=True)
     f.add_argument("--out", default="runs/demo/results/figures")
-    f.add_argument("--tsne-max", type=int, default=1000, help="at most this many poses per set in the t-SNE")
+    f.add_argument("--tsne-max", type=int, default=500, help="at most this many poses per set in the t-SNE")
     f.add_argument("--conditions", default=None, help="conditions folder (e.g. runs/demo/conditions) for the sheet")
     for p in (w, c, t, o, f):
         p.add_argument("--smpl-model", dest="sub_smpl_model", default=None, help="as the top-level --smpl-model")

@@ -173,6 +173,7 @@ def test_rendered_normals_match_mesh_geometry(body, renderer):
     ok &= n_gl[:, 2] > 0.2
     got, _ = common.decode_normal(maps["normal"])
     ang = np.degrees(np.arccos(np.clip((got[y[ok], x[ok]] * n_gl[ok]).sum(1), -1, 1)))
+    print(f"normals: {ok.sum()} visible triangles, median angle {np.median(ang):.2f} deg")
     assert ok.sum() > 2000 and np.median(ang) < 3.0, (ok.sum(), np.median(ang))
 
 
