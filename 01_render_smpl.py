@@ -1085,12 +1085,13 @@ def sample_sheets(args):
             cols.append(np.concatenate([im] + maps, 0))
     tdir = os.path.join(args.targets, "maps")
     ids = sorted({f.split(".")[0] for f in os.listdir(tdir)})[:6] if os.path.isdir(tdir) else []
+    tile = (cols[0].shape[0] // 4, cols[0].shape[1]) if cols else None  # (h, w) of one map in the sheet
     for tid in ids:
         maps = [grey(common.cond_path(tdir, tid, "depth")), load(common.cond_path(tdir, tid, "normal")),
                 load(common.cond_path(tdir, tid, "skeleton"))]
-        h, w = cols[0].shape[0] // 4 if cols else maps[0].shape[0], cols[0].shape[1] if cols else maps[0].shape[1]
+        h, w = tile or maps[0].shape[:2]
         maps = [np.asarray(Image.fromarray(m).resize((w, h))) for m in maps]
-        cols.append(np.concatenate([np.zeros_like(maps[0])] + maps, 0) if cdir else np.concatenate(maps, 0))
+        cols.append(np.concatenate([np.zeros_like(maps[0])] + maps, 0) if tile else np.concatenate(maps, 0))
     if cols:
         p = os.path.join(args.out, "sheet_conditions.png")
         common.save_image(p, np.concatenate(cols, 1))
