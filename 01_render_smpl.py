@@ -81,6 +81,7 @@ def load_body(path=None, extra=None):
     vids = {k[len("vertex_ids_"):]: int(v) for k, v in d.items() if k.startswith("vertex_ids_")} or None
     d = {k: v for k, v in d.items() if not k.startswith("vertex_ids_")}
     if extra is not None:
+        d["shapedirs"] = d["shapedirs"][..., :extra["shapedirs"].shape[-1]]  # SMPL 1.1 files have 300 betas
         for k in ("v_template", "shapedirs", "posedirs", "weights"):
             d[k] = np.concatenate([d[k], extra[k]], 0)
         d["J_regressor"] = np.concatenate([d["J_regressor"], np.zeros((24, len(extra["v_template"])))], 1)
