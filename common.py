@@ -47,6 +47,9 @@ def atomic_write(path, write_fn, suffix=None):
     suffix = suffix if suffix is not None else os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=suffix)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         write_fn(tmp)
         os.replace(tmp, path)
