@@ -21,11 +21,9 @@ is placed around the body centre in the body's canonical frame (y up, facing +z)
 camera in front, 90 = camera at the person's left side (+x), elevation > 0 = camera above.
 K is fitted so that the body's projected box fills the frame like a Re-ID crop.
 """
-import io
 import os
 import sys
 import csv
-import contextlib
 import json
 import time
 import argparse
@@ -41,95 +39,12 @@ from tqdm import tqdm
 import common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OPEN_BODY = os.path.join(HERE, "assets", "open_body.npz")
-SMPL_URL = "https://smpl.is.tue.mpg.de"
-PARAM_KEYS = ("betas", "global_orient", "body_pose", "elevation", "azimuth", "K", "R", "t", "image_size")
-CAM_DISTANCE = 8.0   # metres: a surveillance camera some way off (perspective stays mild)
-FILL = 0.92          # the body's projected box fills this fraction of the frame (Re-ID crop margin)
-
-# -----------------------------------------------------------------------------
-# body model
-
-def load_body(path=None, extra=None):
-    """smplx.SMPL for the open body (default) or an official SMPL file (.npz / converted .pkl).
-    extra: optional dict of arrays appended to the model (the demo world's backpack vertices)."""
-    import smplx
-    path = path or OPEN_BODY
-    if not os.path.exists(path):
-        raise common.UserError(f"SMPL model file '{path}' not found: download SMPL (SMPL_NEUTRAL) from {SMPL_URL} "
-                               f"and pass --smpl-model PATH (or leave it out to use the open body)")
-    if path.endswith(".pkl"):
-        try:
-            import pickle
-            with open(path, "rb") as f:
-                d = pickle.load(f, encoding="latin1")
-        except ModuleNotFoundError as e:
-            raise common.UserError(f"'{path}' needs {e.name} to unpickle (official SMPL .pkl files do): convert it "
-                                   f"once with 'python tools/convert_smpl_pkl.py {path} OUT.npz' and pass OUT.npz")
-        d = {k: np.asarray(v) for k, v in d.items() if k in ("v_template", "shapedirs", "posedirs", "J_regressor",
-                                                              "weights", "kintree_table", "f")}
-    else:
-        with np.load(path) as z:
-            d = {k: z[k] for k in z.files}
-    missing = [k for k in ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table", "f")
-               if k not in d]
-    if missing:
-        raise common.UserError(f"'{path}' is not an SMPL model file: keys {missing} are missing")
-    if hasattr(d["J_regressor"], "toarray"):
-        d["J_regressor"] = d["J_regressor"].toarray()
-    # smplx's default vertex ids index SMPL's own 6,890 vertices: other meshes bring their own
-    vids = {k[len("vertex_ids_"):]: int(v) for k, v in d.items() if k.startswith("vertex_ids_")} or None
-    d = {k: v for k, v in d.items() if not k.startswith("vertex_ids_")}
-    if extra is not None:
-        d["shapedirs"] = d["shapedirs"][..., :extra["shapedirs"].shape[-1]]  # SMPL 1.1 files have 300 betas
-        for k in ("v_template", "shapedirs", "posedirs", "weights"):
-            d[k] = np.concatenate([d[k], extra[k]], 0)
-        d["J_regressor"] = np.concatenate([d["J_regressor"], np.zeros((24, len(extra["v_template"])))], 1)
-    nb = min(10, d["shapedirs"].shape[-1])
-    with contextlib.redirect_stdout(io.StringIO()):  # smplx prints a warning about 10 betas
-        model = smplx.SMPL(model_path=path, data_struct=smplx.utils.Struct(**d), vertex_ids=vids, num_betas=nb)
-    model.body_faces = np.asarray(d["f"], dtype=np.int64)
-    model.num_body_vertices = len(d["v_template"]) - (0 if extra is None else len(extra["v_template"]))
-    model.source = os.path.basename(path)
-    return model.eval()
-
-
-@torch.no_grad()
-def body_forward(model, betas, global_orient, body_pose, chunk=256):
-    """Batched SMPL forward (numpy in, numpy out): vertices (N,V,3), joints (N,45,3)."""
-    V, J = [], []
-    nb = model.num_betas
-    for s in range(0, len(body_pose), chunk):
-        f = lambda a: torch.as_tensor(np.asarray(a[s:s + chunk]), dtype=torch.float32)
-        o = model(betas=f(betas)[:, :nb], global_orient=f(global_orient), body_pose=f(body_pose)[:, :69])
-        V.append(o.vertices.numpy())
-        J.append(o.joints.numpy())
-    return np.concatenate(V), np.concatenate(J)
-
-
-def openpose18(joints):
-    """SMPL joints (+ smplx's extra face keypoints at 24..28: nose, reye, leye, rear, lear) ->
-    (N,18,3) OpenPose-18 keypoints in common.OPENPOSE18 order."""
-    j = joints
-    neck = 0.5 * (j[:, 16] + j[:, 17])  # OpenPose's neck sits between the shoulders
-    idx = [24, None, 17, 19, 21, 16, 18, 20, 2, 5, 8, 1, 4, 7, 25, 26, 27, 28]
-    return np.stack([neck if i is None else j[:, i] for i in idx], 1)
+# body, SMPL forward, OpenPose joints, camera and the sidecar reader live in common.py section 5:
+# the estimation stage (01b_estimate_smpl.py) shares them
+from common import OPEN_BODY, FILL, load_body, body_forward, openpose18, look_at, project, load_params  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # cameras and viewpoints
-
-def look_at(elevation, azimuth, centre, distance=CAM_DISTANCE):
-    """World->camera (R, t) in OpenCV axes for a camera on a sphere around `centre`."""
-    e, a = np.radians(elevation), np.radians(azimuth)
-    pos = centre + distance * np.array([np.sin(a) * np.cos(e), np.sin(e), np.cos(a) * np.cos(e)])
-    z = centre - pos
-    z /= np.linalg.norm(z)
-    x = np.cross(z, [0.0, 1.0, 0.0])   # camera x = right in the image
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)                 # camera y = down in the image
-    R = np.stack([x, y, z])
-    return R, -R @ pos
-
 
 def fit_camera(verts, elevation, azimuth, size, fill=FILL):
     """Camera (K, R, t) that looks at the body centre from (elevation, azimuth) and frames the
@@ -154,13 +69,6 @@ def scale_camera(K, old_size, new_size):
     K[..., 0, :] *= sx
     K[..., 1, :] *= sy
     return K
-
-
-def project(X, K, R, t):
-    """(N,3) world points -> (N,2) pixels (x right, y down) and (N,) depth along the camera axis."""
-    xc = X @ R.T + t
-    uv = xc @ K.T
-    return uv[:, :2] / uv[:, 2:3], xc[:, 2]
 
 
 def sample_views(rng, n, kind):
@@ -363,9 +271,7 @@ def write_maps(folder, stem, maps):
 # -----------------------------------------------------------------------------
 # poses: an AMASS-style bank, or the built-in procedural source
 
-JOINTS = ["pelvis", "l_hip", "r_hip", "spine1", "l_knee", "r_knee", "spine2", "l_ankle", "r_ankle", "spine3",
-          "l_foot", "r_foot", "neck", "l_collar", "r_collar", "head", "l_shoulder", "r_shoulder", "l_elbow",
-          "r_elbow", "l_wrist", "r_wrist", "l_hand", "r_hand"]
+JOINTS = list(common.SMPL_JOINTS)
 ID_KINDS = ("walk", "stand")
 OOD_KINDS = ("arms_up", "reach", "crouch", "lean", "kick", "turn", "dance")
 
@@ -514,18 +420,6 @@ def load_pose_bank(path, up="z"):
 
 # -----------------------------------------------------------------------------
 # parameter files (smpl/<split>.npz sidecars and targets/<set>/params.npz share the keys)
-
-def load_params(path):
-    if not os.path.exists(path):
-        raise common.UserError(f"SMPL parameter file '{path}' not found (the demo world writes <data>/smpl/<split>.npz; "
-                               f"a target set writes targets/<set>/params.npz)")
-    with np.load(path, allow_pickle=False) as z:
-        d = {k: z[k] for k in z.files}
-    missing = [k for k in PARAM_KEYS if k not in d]
-    if missing:
-        raise common.UserError(f"'{path}' lacks keys {missing}: expected {list(PARAM_KEYS)} (see docs/formats.md)")
-    return d
-
 
 def parse_size(s):
     """'192x384' (width x height, as the paper writes it) -> (height, width)."""
@@ -921,11 +815,12 @@ def make_conditions(args):
     t0 = time.time()
     torch.set_num_threads(1)
     model = load_body(args.smpl_model)
+    smpl_dir = args.smpl or os.path.join(args.data, "smpl")  # real data: the estimation stage's folder
     ren = Renderer(model.body_faces)
     total = 0
     try:
         for split in args.splits:
-            p = load_params(os.path.join(args.data, "smpl", split + ".npz"))
+            p = load_params(os.path.join(smpl_dir, split + ".npz"))
             names = [os.path.splitext(str(n))[0] for n in p["names"]]
             out = os.path.join(args.out, split)
             todo = [i for i, s in enumerate(names) if args.overwrite or
@@ -939,7 +834,7 @@ def make_conditions(args):
                 maps, _ = condition_maps(ren, v, jt, K, p["R"][i].astype(np.float64), p["t"][i].astype(np.float64), size)
                 write_maps(out, names[i], maps)
             total += len(todo)
-            print(f"read {args.data}/smpl/{split}.npz ({len(names)} images); wrote {len(todo)} map sets to {out} "
+            print(f"read {smpl_dir}/{split}.npz ({len(names)} images); wrote {len(todo)} map sets to {out} "
                   f"({len(names) - len(todo)} existed)")
     finally:
         ren.delete()
@@ -1013,7 +908,8 @@ def make_figures(args):
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
     t0 = time.time()
-    data = load_params(os.path.join(args.data, "smpl", args.split + ".npz"))
+    smpl_file = os.path.join(args.smpl or os.path.join(args.data, "smpl"), args.split + ".npz")
+    data = load_params(smpl_file)
     targ = load_params(os.path.join(args.targets, "params.npz"))
     sets = [(f"{args.split} ({len(data['azimuth'])} images)", data), (f"targets ({len(targ['azimuth'])})", targ)]
     os.makedirs(args.out, exist_ok=True)
@@ -1049,7 +945,7 @@ def make_figures(args):
     common.atomic_write(p2, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
     wrote = [p1, p2] + sample_sheets(args)
-    print(f"read {args.data}/smpl/{args.split}.npz and {args.targets}/params.npz; wrote {', '.join(wrote)} "
+    print(f"read {smpl_file} and {args.targets}/params.npz; wrote {', '.join(wrote)} "
           f"in {time.time() - t0:.1f} s")
 
 
@@ -1202,6 +1098,8 @@ def main():
     c.add_argument("--splits", nargs="+", default=["bounding_box_train"])
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--size", dest="sub_size", default=None, help="WIDTHxHEIGHT (default: each image's own size)")
+    c.add_argument("--smpl", default=None, help="folder with <split>.npz (default <data>/smpl; real data: the "
+                   "--out of 01b_estimate_smpl.py, so the data set folder is never written to)")
 
     t = sub.add_parser("targets", help="sample a target set (poses x viewpoints) and render its maps")
     t.add_argument("--out", required=True, help="e.g. runs/demo/targets/ood_uniform")
@@ -1232,6 +1130,7 @@ def main():
     f.add_argument("--out", default="runs/demo/results/figures")
     f.add_argument("--tsne-max", type=int, default=500, help="at most this many poses per set in the t-SNE")
     f.add_argument("--conditions", default=None, help="conditions folder (e.g. runs/demo/conditions) for the sheet")
+    f.add_argument("--smpl", default=None, help="folder with <split>.npz (default <data>/smpl)")
     for p in (w, c, t, o, f):
         p.add_argument("--smpl-model", dest="sub_smpl_model", default=None, help="as the top-level --smpl-model")
     args = ap.parse_args()

@@ -514,6 +514,142 @@ def load_conditions(folder, stem, size=None):
         out[kind] = torch.from_numpy(np.ascontiguousarray(a))
     return out
 
+
+# Bodies, cameras and the per-image SMPL file, shared by 01_render_smpl.py (renders from them) and
+# 01b_estimate_smpl.py (fits them to photos). Camera convention (docs/formats.md): pinhole in OpenCV
+# axes (x right, y down, z forward), x_cam = R @ X + t, pixel = K @ x_cam / z; X = SMPL output
+# vertices (transl = 0); the viewpoint (elevation, azimuth) is the camera's direction from the body
+# centre in the body's canonical frame (y up, facing +z; azimuth 0 = front, 90 = the person's left).
+
+OPEN_BODY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "open_body.npz")
+SMPL_URL = "https://smpl.is.tue.mpg.de"
+PARAM_KEYS = ("betas", "global_orient", "body_pose", "elevation", "azimuth", "K", "R", "t", "image_size")
+CAM_DISTANCE = 8.0   # metres: a surveillance camera some way off (perspective stays mild)
+FILL = 0.92          # the body's projected box fills this fraction of the frame (Re-ID crop margin)
+SMPL_JOINTS = ("pelvis", "l_hip", "r_hip", "spine1", "l_knee", "r_knee", "spine2", "l_ankle", "r_ankle", "spine3",
+               "l_foot", "r_foot", "neck", "l_collar", "r_collar", "head", "l_shoulder", "r_shoulder", "l_elbow",
+               "r_elbow", "l_wrist", "r_wrist", "l_hand", "r_hand")
+# smplx appends keypoints taken from vertices after the 24 joints; the first five are the face
+SMPL_EXTRA = ("nose", "r_eye", "l_eye", "r_ear", "l_ear")
+# OpenPose-18 point -> index into the SMPL joints (+ SMPL_EXTRA at 24..); None = the neck, which
+# OpenPose puts between the shoulders
+OPENPOSE18_SMPL = tuple(None if n == "neck" else (SMPL_JOINTS + SMPL_EXTRA).index(n) for n in OPENPOSE18)
+# COCO-17 (ViTPose, 4D-Humans, ...) keypoint order; every COCO point is an OpenPose-18 point by name
+COCO17 = ("nose", "l_eye", "r_eye", "l_ear", "r_ear", "l_shoulder", "r_shoulder", "l_elbow", "r_elbow",
+          "l_wrist", "r_wrist", "l_hip", "r_hip", "l_knee", "r_knee", "l_ankle", "r_ankle")
+COCO17_TO_OPENPOSE18 = tuple(OPENPOSE18.index(n) for n in COCO17)
+
+
+def load_body(path=None, extra=None):
+    """smplx.SMPL for the open body (default) or an official SMPL file (.npz / converted .pkl).
+    extra: optional dict of arrays appended to the model (the demo world's backpack vertices)."""
+    import io
+    import contextlib
+    import smplx
+    path = path or OPEN_BODY
+    if not os.path.exists(path):
+        raise UserError(f"SMPL model file '{path}' not found: download SMPL (SMPL_NEUTRAL) from {SMPL_URL} "
+                        f"and pass --smpl-model PATH (or leave it out to use the open body)")
+    if path.endswith(".pkl"):
+        try:
+            import pickle
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+        except ModuleNotFoundError as e:
+            raise UserError(f"'{path}' needs {e.name} to unpickle (official SMPL .pkl files do): convert it "
+                            f"once with 'python tools/convert_smpl_pkl.py {path} OUT.npz' and pass OUT.npz")
+        d = {k: np.asarray(v) for k, v in d.items() if k in ("v_template", "shapedirs", "posedirs", "J_regressor",
+                                                              "weights", "kintree_table", "f")}
+    else:
+        with np.load(path) as z:
+            d = {k: z[k] for k in z.files}
+    missing = [k for k in ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table", "f")
+               if k not in d]
+    if missing:
+        raise UserError(f"'{path}' is not an SMPL model file: keys {missing} are missing")
+    if hasattr(d["J_regressor"], "toarray"):
+        d["J_regressor"] = d["J_regressor"].toarray()
+    # smplx's default vertex ids index SMPL's own 6,890 vertices: other meshes bring their own
+    vids = {k[len("vertex_ids_"):]: int(v) for k, v in d.items() if k.startswith("vertex_ids_")} or None
+    d = {k: v for k, v in d.items() if not k.startswith("vertex_ids_")}
+    if extra is not None:
+        d["shapedirs"] = d["shapedirs"][..., :extra["shapedirs"].shape[-1]]  # SMPL 1.1 files have 300 betas
+        for k in ("v_template", "shapedirs", "posedirs", "weights"):
+            d[k] = np.concatenate([d[k], extra[k]], 0)
+        d["J_regressor"] = np.concatenate([d["J_regressor"], np.zeros((24, len(extra["v_template"])))], 1)
+    nb = min(10, d["shapedirs"].shape[-1])
+    with contextlib.redirect_stdout(io.StringIO()):  # smplx prints a warning about 10 betas
+        model = smplx.SMPL(model_path=path, data_struct=smplx.utils.Struct(**d), vertex_ids=vids, num_betas=nb)
+    model.body_faces = np.asarray(d["f"], dtype=np.int64)
+    model.num_body_vertices = len(d["v_template"]) - (0 if extra is None else len(extra["v_template"]))
+    model.source = os.path.basename(path)
+    return model.eval()
+
+
+def body_forward(model, betas, global_orient, body_pose, chunk=256):
+    """Batched SMPL forward (numpy in, numpy out): vertices (N,V,3), joints (N,45,3)."""
+    import torch
+    V, J = [], []
+    nb = model.num_betas
+    with torch.no_grad():
+        for s in range(0, len(body_pose), chunk):
+            f = lambda a: torch.as_tensor(np.asarray(a[s:s + chunk]), dtype=torch.float32)
+            o = model(betas=f(betas)[:, :nb], global_orient=f(global_orient), body_pose=f(body_pose)[:, :69])
+            V.append(o.vertices.numpy())
+            J.append(o.joints.numpy())
+    return np.concatenate(V), np.concatenate(J)
+
+
+def openpose18(joints):
+    """SMPL joints (+ smplx's extra face keypoints at 24..28: nose, reye, leye, rear, lear) ->
+    (N,18,3) OpenPose-18 keypoints in OPENPOSE18 order."""
+    j = joints
+    neck = 0.5 * (j[:, 16] + j[:, 17])  # OpenPose's neck sits between the shoulders
+    return np.stack([neck if i is None else j[:, i] for i in OPENPOSE18_SMPL], 1)
+
+
+def look_at(elevation, azimuth, centre, distance=CAM_DISTANCE):
+    """World->camera (R, t) in OpenCV axes for a camera on a sphere around `centre`."""
+    e, a = np.radians(elevation), np.radians(azimuth)
+    pos = centre + distance * np.array([np.sin(a) * np.cos(e), np.sin(e), np.cos(a) * np.cos(e)])
+    z = centre - pos
+    z /= np.linalg.norm(z)
+    x = np.cross(z, [0.0, 1.0, 0.0])   # camera x = right in the image
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)                 # camera y = down in the image
+    R = np.stack([x, y, z])
+    return R, -R @ pos
+
+
+def viewpoint(R, t, centre):
+    """Inverse of look_at: (elevation, azimuth) in degrees of the camera (R, t) seen from `centre`
+    (all batched: R (N,3,3), t (N,3), centre (N,3)); azimuth in [0, 360)."""
+    C = -np.einsum("nji,nj->ni", R, t)  # camera centre in the body frame: -R^T t
+    d = C - centre
+    d = d / np.linalg.norm(d, axis=1, keepdims=True)
+    return np.degrees(np.arcsin(np.clip(d[:, 1], -1, 1))), np.degrees(np.arctan2(d[:, 0], d[:, 2])) % 360
+
+
+def project(X, K, R, t):
+    """(N,3) world points -> (N,2) pixels (x right, y down) and (N,) depth along the camera axis."""
+    xc = X @ R.T + t
+    uv = xc @ K.T
+    return uv[:, :2] / uv[:, 2:3], xc[:, 2]
+
+
+def load_params(path):
+    """A per-image SMPL file (smpl/<split>.npz) or a target set's params.npz -> dict of arrays."""
+    if not os.path.exists(path):
+        raise UserError(f"SMPL parameter file '{path}' not found (the demo world writes <data>/smpl/<split>.npz, "
+                        f"01b_estimate_smpl.py writes <out>/<split>.npz for real photos; a target set writes "
+                        f"targets/<set>/params.npz)")
+    with np.load(path, allow_pickle=False) as z:
+        d = {k: z[k] for k in z.files}
+    missing = [k for k in PARAM_KEYS if k not in d]
+    if missing:
+        raise UserError(f"'{path}' lacks keys {missing}: expected {list(PARAM_KEYS)} (see docs/formats.md)")
+    return d
+
 # -----------------------------------------------------------------------------
 # 6. Generator pieces: reference attention, pose guiders
 # The generator of the paper (section 3.4, Figure 4; DESIGN.md 5): a reference U-Net and a
