@@ -6,7 +6,7 @@ the VAE and the CLIP image encoder stay frozen.
   stage 2 (default): pairs (reference, target) = two different images of one person id, from a
       Market-1501-layout root and the condition maps of its training images:
         python 02_train_generator.py --data runs/demo/world --conditions runs/demo/conditions \
-            --out runs/demo/generator --from-scratch --resolution 64x128 --lr 1e-3 --steps 3000
+            --out runs/demo/generator --from-scratch --resolution 64x128 --lr 5e-4 --steps 4800
   stage 1: pairs = two frames of one video far apart; generic layout <data>/<video_id>/<frame>.png
       with maps <conditions>/<video_id>/<frame>.{depth,normal,skeleton}.png. A stage-2 run starts
       from a stage-1 folder with --init.
@@ -60,11 +60,11 @@ def parse_args(argv=None):
     w.add_argument("--init", help="start from a generator folder written by this script (stage 1 -> stage 2)")
     s = p.add_argument_group("--from-scratch model sizes")
     s.add_argument("--unet-channels", default="32,64", help="U-Net block widths (every block has attention)")
-    s.add_argument("--vae-channels", default="32,64,64", help="VAE block widths; factor 2^(len-1)")
+    s.add_argument("--vae-channels", default="16,32,64,64", help="VAE block widths; factor 2^(len-1) (8, like SD)")
     s.add_argument("--clip-dim", type=int, default=64, help="tiny CLIP projection dim = U-Net cross-attention dim")
-    s.add_argument("--vae-steps", type=int, default=1500)
+    s.add_argument("--vae-steps", type=int, default=600)
     s.add_argument("--vae-lr", type=float, default=1e-3)
-    s.add_argument("--vae-batch-size", type=int, default=16)
+    s.add_argument("--vae-batch-size", type=int, default=8)
     t = p.add_argument_group("training")
     t.add_argument("--resolution", default="192x384", help="WIDTHxHEIGHT of images and maps (paper: 192x384)")
     t.add_argument("--steps", type=int, default=30000, help="optimizer steps in total (a rerun resumes)")

@@ -343,7 +343,7 @@ def fidelity(argv):
         by_src.setdefault(r["source"], []).append(r)
         by_tgt.setdefault(r["target_id"], []).append(r)
     m = {k: [] for k in ("psnr", "psnr_fg", "ssim", "mask_iou", "shuf_psnr", "shuf_psnr_fg", "shuf_iou",
-                         "other_psnr", "other_psnr_fg", "other_iou")}
+                         "other_psnr", "other_psnr_fg", "other_iou", "gain_pose_iou", "gain_id_psnr_fg")}
     for r in tqdm(have, desc="fidelity"):
         f = r["file"]
         m["psnr"].append(psnr(gen[f], ora[f]))
@@ -356,20 +356,26 @@ def fidelity(argv):
             m["shuf_psnr"].append(psnr(gen[f], ora[q]))
             m["shuf_psnr_fg"].append(psnr(gen[f], ora[q], omask[q]))
             m["shuf_iou"].append(iou(gmask[f], omask[q]))
+            m["gain_pose_iou"].append(m["mask_iou"][-1] - m["shuf_iou"][-1])
         other = [q for q in by_tgt[r["target_id"]] if q["pid"] != r["pid"]]
         if other:
             q = other[len(m["psnr"]) % len(other)]["file"]
             m["other_psnr"].append(psnr(gen[f], ora[q]))
             m["other_psnr_fg"].append(psnr(gen[f], ora[q], omask[q]))
             m["other_iou"].append(iou(gmask[f], omask[q]))
+            m["gain_id_psnr_fg"].append(m["psnr_fg"][-1] - m["other_psnr_fg"][-1])
     mean = lambda v: float(np.mean(v)) if v else None
+    # paired gains over the controls with a 95% interval: "clearly above" means the interval excludes 0
+    ci = lambda v: [float(np.mean(v) - 1.96 * np.std(v) / np.sqrt(len(v))), float(np.mean(v) + 1.96 * np.std(v) / np.sqrt(len(v)))] if len(v) > 1 else None
     res = dict(generated=args.generated, oracle=args.oracle, images=len(have), images_without_oracle=len(rows) - len(have),
                psnr=mean(m["psnr"]), psnr_foreground=mean(m["psnr_fg"]), ssim=mean(m["ssim"]), mask_iou=mean(m["mask_iou"]),
                control_pose_shuffled=dict(psnr=mean(m["shuf_psnr"]), psnr_foreground=mean(m["shuf_psnr_fg"]),
                                           mask_iou=mean(m["shuf_iou"]), n=len(m["shuf_iou"])),
                control_other_identity=dict(psnr=mean(m["other_psnr"]), psnr_foreground=mean(m["other_psnr_fg"]),
                                            mask_iou=mean(m["other_iou"]), n=len(m["other_iou"])),
-               oracle_masks="files" if os.path.isdir(masks_dir) else "estimated")
+               oracle_masks="files" if os.path.isdir(masks_dir) else "estimated",
+               pose_gain_mask_iou=dict(mean=mean(m["gain_pose_iou"]), ci95=ci(m["gain_pose_iou"])),
+               identity_gain_psnr_foreground=dict(mean=mean(m["gain_id_psnr_fg"]), ci95=ci(m["gain_id_psnr_fg"])))
     out = args.out or os.path.join(args.generated, "fidelity.json")
     common.save_json(out, res)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
@@ -379,6 +385,11 @@ def fidelity(argv):
                       ("other identity (same target pose)", "control_other_identity")):
         c = res[key]
         print(f"  control, {name}: PSNR {fmt(c['psnr'])} (person only {fmt(c['psnr_foreground'])}), mask IoU {fmt(c['mask_iou'])}")
+    for name, key in (("follows the pose: mask IoU - pose-shuffled", "pose_gain_mask_iou"),
+                      ("keeps the identity: person PSNR - other identity", "identity_gain_psnr_foreground")):
+        g = res[key]
+        if g["ci95"]:
+            print(f"  {name}: {g['mean']:+.4f} (95% CI {g['ci95'][0]:+.4f} .. {g['ci95'][1]:+.4f})")
     print(f"wrote {out}")
     return res
 
