@@ -33,6 +33,9 @@ DEFAULT_VITPOSE = "usyd-community/vitpose-base-simple"
 # is observable; fixing the focal like the world does puts the camera at ~8 m with the world's mild
 # perspective, which is what the (weak) elevation cue lives on.
 FOCAL = 4.4
+# loss weights, against a reprojection error measured in 1% of the image height: pose prior from W_POSE
+# annealed to W_POSE * W_END, betas, spine/neck/collar joints (x the L2), elevation prior. Tuned on
+# the demo world (docs/estimate.md): a T-pose-centred prior or a strong final prior cost accuracy
 W_POSE, W_END, W_BETAS, W_SPINE, W_EL = 30.0, 0.05, 10.0, 4.0, 1.0
 COCO_SMPL = [OPENPOSE18_SMPL[i] for i in COCO17_TO_OPENPOSE18]  # COCO-17 -> index into SMPL joints + face
 # joints the fit moves: the rest (wrists, hands, ankles, feet) change no COCO keypoint
@@ -142,16 +145,6 @@ def rotvec(R):
     return Rotation.from_matrix(R).as_rotvec()
 
 
-def pose_prior(bp):
-    """Priors that need no downloaded file: L2 on the free joints (stronger on the axes a knee or an
-    elbow cannot turn about), and SMPLify's bending penalty on knees and elbows that bend backwards."""
-    l2 = (bp - REST.to(bp.device)).square()
-    hinge = lambda i, sign: torch.relu(sign * bp[:, i]).square()
-    bend = (hinge(jidx("l_knee", 0), -1) + hinge(jidx("r_knee", 0), -1) +     # knee x > 0 = flex
-            hinge(jidx("l_elbow", 1), 1) + hinge(jidx("r_elbow", 1), -1))     # l y < 0 / r y > 0 = flex
-    return (l2 * POSE_W).sum(1) + 10.0 * bend
-
-
 # the prior's centre: arms hanging (the T-pose of the model file is no pose a person stands in);
 # centred on zero instead, the fit twists the body ~25 degrees to keep the arms up
 REST = torch.zeros(69)
@@ -163,6 +156,16 @@ for _n in ("l_elbow", "r_elbow"):
     POSE_W[jidx(_n, 0)] = POSE_W[jidx(_n, 2)] = 10.0
 for _n in ("spine1", "spine2", "spine3", "neck", "l_collar", "r_collar"):
     POSE_W[jidx(_n, 0):jidx(_n, 0) + 3] = W_SPINE
+
+
+def pose_prior(bp):
+    """Priors that need no downloaded file: L2 on the free joints (stronger on the axes a knee or an
+    elbow cannot turn about), and SMPLify's bending penalty on knees and elbows that bend backwards."""
+    l2 = (bp - REST.to(bp.device)).square()
+    hinge = lambda i, sign: torch.relu(sign * bp[:, i]).square()
+    bend = (hinge(jidx("l_knee", 0), -1) + hinge(jidx("r_knee", 0), -1) +     # knee x > 0 = flex
+            hinge(jidx("l_elbow", 1), 1) + hinge(jidx("r_elbow", 1), -1))     # l y < 0 / r y > 0 = flex
+    return (l2 * POSE_W).sum(1) + 10.0 * bend
 
 
 def fit_smpl(kb, kp, conf, focal=FOCAL, inits=8, keep=2, steps=(40, 120), elevation0=10.0, elevation_prior=(15.0, 10.0),
@@ -181,8 +184,7 @@ def fit_smpl(kb, kp, conf, focal=FOCAL, inits=8, keep=2, steps=(40, 120), elevat
     M = N * I
     go0 = np.stack([rotvec(common.look_at(elevation0, a, np.zeros(3))[0]) for a in np.arange(I) * 360.0 / I])
     go = torch.tensor(np.tile(go0, (N, 1)), dtype=torch.float32, device=device)
-    bp = torch.zeros(M, 69, device=device)
-    bp = bp + REST.to(device)  # start from the prior's centre
+    bp = REST.to(device).repeat(M, 1)  # start from the prior's centre
     betas = torch.zeros(M, kb["shapedirs"].shape[-1], device=device)
     free = torch.zeros(69, device=device)
     for n in FREE:
@@ -227,7 +229,6 @@ def fit_smpl(kb, kp, conf, focal=FOCAL, inits=8, keep=2, steps=(40, 120), elevat
     with torch.no_grad():
         sel = (loss.view(N, I).topk(k, 1, largest=False).indices + torch.arange(N, device=device)[:, None] * I).ravel()
     go, bp, betas, t, kp, w = (x.detach()[sel].clone().requires_grad_(x.requires_grad) for x in (go, bp, betas, t, kp, w))
-    bp.requires_grad_(True), betas.requires_grad_(True)
     opt = torch.optim.Adam([go, bp, betas, t], lr=lr)
     for i in range(steps[1]):
         loss, _ = losses(i / max(1, steps[1] - 1))
