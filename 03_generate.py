@@ -117,7 +117,7 @@ def make_jobs(train, targets, args):
                 jobs.append(dict(file=f"bounding_box_train/{pid:04d}_c{common.AUG_CAMERA}s1_{r:02d}{ti:04d}_00.jpg",
                                  source=os.path.basename(ref), ref_path=ref, pid=pid, target_id=t["target_id"],
                                  pose_id=t["pose_id"], elevation=t["elevation"], azimuth=t["azimuth"],
-                                 seed=((args.seed * 1_000_003 + pid) * 100 + r) * 10_000 + ti))
+                                 seed=int(((args.seed * 1_000_003 + pid) * 100 + r) * 10_000 + ti)))
     if args.num_images and args.num_images < len(jobs):
         keep = np.sort(np.random.default_rng([args.seed, 9]).choice(len(jobs), args.num_images, replace=False))
         jobs = [jobs[i] for i in keep]
@@ -127,11 +127,15 @@ def make_jobs(train, targets, args):
 def write_manifest(out, jobs):
     """Rows of every job (all shards) whose image exists: never lists a missing image. One
     listdir, not a stat per job: cheap enough every few seconds at 80k jobs."""
-    have = set(os.listdir(os.path.join(out, "bounding_box_train")))
-    rows = [j for j in jobs if os.path.basename(j["file"]) in have]
-    lines = [",".join(MANIFEST_COLS)] + [",".join(str(j[c]) for c in MANIFEST_COLS) for j in rows]
-    common.save_text(os.path.join(out, "manifest.csv"), "\n".join(lines) + "\n")
-    return len(rows)
+    folder = os.path.join(out, "bounding_box_train")
+    listing = lambda: {f for f in os.listdir(folder) if not f.startswith(".")}  # not the temp files
+    while True:  # shards share the folder: rewrite if another one added images meanwhile
+        have = listing()
+        rows = [j for j in jobs if os.path.basename(j["file"]) in have]
+        lines = [",".join(MANIFEST_COLS)] + [",".join(str(j[c]) for c in MANIFEST_COLS) for j in rows]
+        common.save_text(os.path.join(out, "manifest.csv"), "\n".join(lines) + "\n")
+        if listing() == have:
+            return len(rows)
 
 # -----------------------------------------------------------------------------
 
@@ -140,6 +144,8 @@ def generate(argv=None):
     from diffusers import DDIMScheduler
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
