@@ -497,7 +497,7 @@ def main():
     k.add_argument("--batch", type=int, default=32)
 
     def fit_args(p):
-        p.add_argument("--batch", type=int, default=64, help="images fitted together (x --inits starts each)")
+        p.add_argument("--batch", type=int, default=256, help="images fitted together (x --inits starts each)")
         p.add_argument("--inits", type=int, default=8, help="initial orientations per image (azimuths 360/inits apart)")
         p.add_argument("--steps", type=int, default=120, help="Adam steps of the full fit (a quarter more for the "
                        "orientation-only stage before it)")
