@@ -4,6 +4,7 @@ pose sampling, the built-in synthetic Re-ID world ("demo") with its oracle, and 
 
   python 01_render_smpl.py world      --out runs/demo/world            # the demo data set
   python 01_render_smpl.py conditions --data runs/demo/world --out runs/demo/conditions
+                 (real photos: --data DATA --smpl runs/<ds>/smpl, the sidecars of 01b_estimate_smpl.py)
   python 01_render_smpl.py targets    --out runs/demo/targets/uniform_ood --poses ood --views uniform
   python 01_render_smpl.py oracle     --manifest runs/demo/augmented/x/manifest.csv
                  --targets runs/demo/targets/uniform_ood --world runs/demo/world --out runs/demo/augmented/oracle
