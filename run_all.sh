@@ -14,13 +14,14 @@
 #   --seeds "0 1 2"       Re-ID seeds per table row [SEEDS]
 #   --device cpu|cuda     [DEVICE]
 #   --smoke               tiny sizes: checks that every stage runs end to end
+#   RUNS_DIR=DIR          write runs/<dataset>/ under DIR instead of ./runs
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit ${1:-2}; }
 [ $# -ge 1 ] || usage
 DATASET=$1; shift
-case "$DATASET" in demo|market1501|dukemtmc) ;; -h|--help) usage ;; *) echo "error: unknown data set '$DATASET' (demo, market1501 or dukemtmc)" >&2; exit 2 ;; esac
+case "$DATASET" in demo|market1501|dukemtmc) ;; -h|--help) usage 0 ;; *) echo "error: unknown data set '$DATASET' (demo, market1501 or dukemtmc)" >&2; exit 2 ;; esac
 SMOKE=0
 DATA_ROOT=${DATA_ROOT:-}; PRETRAINED=${PRETRAINED:-}; IMAGE_ENCODER=${IMAGE_ENCODER:-}; SMPL_DIR=${SMPL_DIR:-}
 SEEDS=${SEEDS:-}; DEVICE=${DEVICE:-}
@@ -33,7 +34,7 @@ while [ $# -gt 0 ]; do
     --smpl) SMPL_DIR=$2; shift ;;
     --seeds) SEEDS=$2; shift ;;
     --device) DEVICE=$2; shift ;;
-    -h|--help) usage ;;
+    -h|--help) usage 0 ;;
     *) echo "error: unknown option '$1' (see bash run_all.sh --help)" >&2; exit 2 ;;
   esac
   shift
@@ -55,7 +56,7 @@ source ./setup.sh
 set -euo pipefail
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-$([ "$DATASET" = demo ] && echo 1 || echo 0)}
 
-RUN=runs/$DATASET$([ $SMOKE = 1 ] && echo -smoke || true)
+RUN=${RUNS_DIR:-runs}/$DATASET$([ $SMOKE = 1 ] && echo -smoke || true)   # RUNS_DIR: put runs/ elsewhere
 mkdir -p "$RUN/results"
 TIMES=$RUN/results/stage_times.csv
 [ -f "$TIMES" ] || echo "stage,seconds" > "$TIMES"
@@ -81,14 +82,16 @@ if [ "$DATASET" = demo ]; then
   if [ $SMOKE = 1 ]; then
     WORLD=(--smoke); TARGETS=(--num-poses 4 --views-per-pose 2)
     GEN=(--from-scratch --vae-steps 30 --steps 20 --sample-every 0 --save-every 20)
-    GENERATE=(--refs-per-pid 1 --targets-per-ref 2 --steps 4)
+    GENERATE=(--refs-per-pid 1 --targets-per-ref 1 --steps 4); FIGURES=(--tsne-max 100)
     REID=(--arch shufflenet_v2_x0_5 --height 64 --width 32 --P 8 --K 4 --iters 20 --max-aug-share 0.5)
     SEEDS=${SEEDS:-0}
   else
     WORLD=(); TARGETS=(--num-poses 20 --views-per-pose 5)
-    GEN=(--from-scratch --lr 1e-3 --steps 3000 --sample-every 500)
-    GENERATE=(--refs-per-pid 2 --targets-per-ref 15)
-    REID=(--arch resnet18 --height 128 --width 64 --P 16 --K 4 --iters 1500 --max-aug-share 0.5)
+    # generator: the settings of the measured CPU learning run (docs/generator.md); Re-ID: a small
+    # network at 64x32 like the prototype of DESIGN.md 4, so 6 rows x 3 seeds fit on a CPU
+    GEN=(--from-scratch --lr 5e-4 --steps 4800 --sample-every 800)
+    GENERATE=(--refs-per-pid 1 --targets-per-ref 10); FIGURES=()
+    REID=(--arch shufflenet_v2_x0_5 --height 64 --width 32 --P 16 --K 4 --iters 800 --max-aug-share 0.5)
     SEEDS=${SEEDS:-0 1 2}
   fi
   DATA_ROOT=$RUN/world
@@ -109,8 +112,7 @@ else
   SPLITS="same:$DATA_ROOT"
   NOCHECK=
   mkdir -p "$RUN"
-  [ -e "$DATA_ROOT/smpl" ] || ln -s "$(cd "$SMPL_DIR" && pwd)" "$DATA_ROOT/smpl" 2>/dev/null || true
-  stage conditions 01_render_smpl.py conditions --data "$DATA_ROOT" --out "$RUN/conditions" --size $SIZE
+  stage conditions 01_render_smpl.py conditions --data "$DATA_ROOT" --smpl "$SMPL_DIR" --out "$RUN/conditions" --size $SIZE
 fi
 
 for v in $VARIANTS; do
@@ -128,7 +130,7 @@ if [ "$DATASET" = demo ]; then
   stage oracle 01_render_smpl.py oracle --manifest "$RUN/augmented/vi/manifest.csv" --targets "$RUN/targets/vi" \
     --world "$DATA_ROOT" --out "$RUN/augmented/oracle"
   stage fidelity 03_generate.py fidelity --generated "$RUN/augmented/vi" --oracle "$RUN/augmented/oracle"
-  stage figures 01_render_smpl.py figures --data "$DATA_ROOT" --targets "$RUN/targets/vi" --out "$RUN/results/figures"
+  stage figures 01_render_smpl.py figures --data "$DATA_ROOT" --targets "$RUN/targets/vi" --out "$RUN/results/figures" "${FIGURES[@]}"
   VARIANTS="$VARIANTS oracle"
 fi
 
