@@ -210,12 +210,21 @@ class Renderer:
         kw = dict(positions=verts, indices=faces)
         if colors is not None:
             kw["color_0"] = np.concatenate([colors, np.ones((len(colors), 1))], 1).astype(np.float32)
-        mesh = pr.Mesh([pr.Primitive(mode=4, **kw)])
+        self.place(pr.Mesh([pr.Primitive(mode=4, **kw)]), K, R, t)
+        rgb, z = self.r.render(self.scene, flags=self.flags)
+        if self.r._renderer._program_cache is not self.cache:  # first render created the GL renderer
+            self.r._renderer._program_cache = self.cache
+            rgb, z = self.r.render(self.scene, flags=self.flags)
+        return rgb, z
+
+    def place(self, mesh, K, R, t):
+        """Put this mesh (replacing the last one) and a camera with intrinsics K and world->camera
+        R, t into the scene. OpenCV (x right, y down, z forward) -> OpenGL camera pose (x right,
+        y up, z back)."""
+        pr = self.pyrender
         if self.mesh_node is not None:
             self.scene.remove_node(self.mesh_node)
         self.mesh_node = self.scene.add(mesh)
-        # OpenCV (x right, y down, z forward) -> OpenGL camera pose (x right, y up, z back)
-        H, W = size
         cam = pr.IntrinsicsCamera(K[0, 0], K[1, 1], K[0, 2], K[1, 2], znear=0.5, zfar=50.0)
         pose = np.eye(4)
         pose[:3, :3] = R.T @ np.diag([1.0, -1.0, -1.0])
@@ -223,11 +232,6 @@ class Renderer:
         if self.cam_node is not None:
             self.scene.remove_node(self.cam_node)
         self.cam_node = self.scene.add(cam, pose=pose)
-        rgb, z = self.r.render(self.scene, flags=self.flags)
-        if self.r._renderer._program_cache is not self.cache:  # first render created the GL renderer
-            self.r._renderer._program_cache = self.cache
-            rgb, z = self.r.render(self.scene, flags=self.flags)
-        return rgb, z
 
     def delete(self):
         if self.r is not None:
@@ -1055,16 +1059,7 @@ def benchmark(args):
 def _naive_pass(ren, pm, K, R, t, size, depth_only):
     pr = ren.pyrender
     ren._setup(size)
-    if ren.mesh_node is not None:
-        ren.scene.remove_node(ren.mesh_node)
-    ren.mesh_node = ren.scene.add(pm)
-    cam = pr.IntrinsicsCamera(K[0, 0], K[1, 1], K[0, 2], K[1, 2], znear=0.5, zfar=50.0)
-    pose = np.eye(4)
-    pose[:3, :3] = R.T @ np.diag([1.0, -1.0, -1.0])
-    pose[:3, 3] = -R.T @ t
-    if ren.cam_node is not None:
-        ren.scene.remove_node(ren.cam_node)
-    ren.cam_node = ren.scene.add(cam, pose=pose)
+    ren.place(pm, K, R, t)
     if depth_only:
         return ren.r.render(ren.scene, flags=pr.RenderFlags.DEPTH_ONLY)
     return ren.r.render(ren.scene, flags=ren.flags)[0]
