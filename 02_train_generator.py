@@ -49,6 +49,8 @@ def parse_args(argv=None):
                    "<stem>.{depth,normal,skeleton}.png; stage 1: <video_id>/<frame>.*.png")
     p.add_argument("--out", required=True, help="generator folder to write (and resume from)")
     p.add_argument("--stage", type=int, choices=(1, 2), default=2)
+    p.add_argument("--skip-missing-conditions", action="store_true", help="train without images that have no "
+                   "condition maps (real photos whose SMPL fit 01b skipped) instead of stopping")
     p.add_argument("--min-frame-gap", type=int, default=-1, help="stage 1: min frame distance of a pair "
                    "(-1: a quarter of the video)")
     w = p.add_argument_group("weights (exactly one of --pretrained, --from-scratch, --init)")
@@ -132,12 +134,21 @@ def list_pairs_stage1(data, conditions):
     return items, groups
 
 
-def check_conditions(items):
-    missing = [common.cond_path(c, s, k) for _, c, s in items for k in common.COND_KINDS
-               if not os.path.isfile(common.cond_path(c, s, k))]
-    if missing:
-        raise UserError(f"condition maps missing for {len(missing)} of {3 * len(items)} map files (e.g. "
-                        f"'{missing[0]}'): make them with 'python 01_render_smpl.py conditions'")
+def check_conditions(items, groups, skip_missing=False):
+    """-> groups without the images that lack maps (only with skip_missing; else a clear error).
+    Real photos whose SMPL fit was skipped (01b: too few confident keypoints) have no maps."""
+    bad = [i for i, (_, c, s) in enumerate(items)
+           if not all(os.path.isfile(common.cond_path(c, s, k)) for k in common.COND_KINDS)]
+    if bad and not skip_missing:
+        _, c, s = items[bad[0]]
+        raise UserError(f"condition maps missing for {len(bad)} of {len(items)} images (e.g. "
+                        f"'{common.cond_path(c, s, 'depth')}'): make them with 'python 01_render_smpl.py "
+                        f"conditions', or pass --skip-missing-conditions to train without those images")
+    if bad:
+        print(f"skipping {len(bad)} images without condition maps (e.g. '{items[bad[0]][0]}')")
+    bad = set(bad)
+    groups = [[i for i in g if i not in bad] for g in groups]
+    return [g for g in groups if len(g) >= 2]
 
 
 class PairData(torch.utils.data.Dataset):
@@ -347,10 +358,10 @@ def main():
 
     # ---- data
     items, groups = (list_pairs_stage2 if args.stage == 2 else list_pairs_stage1)(args.data, args.conditions)
+    groups = check_conditions(items, groups, args.skip_missing_conditions)
     if not groups:
-        raise UserError(f"no training pairs in '{args.data}': need 2+ images per "
+        raise UserError(f"no training pairs in '{args.data}': need 2+ images (with maps) per "
                         f"{'person id' if args.stage == 2 else 'video'}")
-    check_conditions(items)
     print(f"read {len(items)} images in {len(groups)} {'ids' if args.stage == 2 else 'videos'} from '{args.data}', "
           f"maps from '{args.conditions}'")
     data = PairData(items, groups, args.size, args.seed, args.stage, args.min_frame_gap)

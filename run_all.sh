@@ -104,7 +104,7 @@ else
   # ResNet50 from ImageNet, P=32 K=8, 20k iterations
   SIZE=192x384
   TARGETS=(--num-poses 20 --views-per-pose 4)
-  GEN=(--pretrained "$PRETRAINED" --image-encoder "$IMAGE_ENCODER" --amp --steps ${GEN_STEPS:-30000})
+  GEN=(--pretrained "$PRETRAINED" --image-encoder "$IMAGE_ENCODER" --amp --steps ${GEN_STEPS:-30000} --skip-missing-conditions)
   [ -d "$IMAGE_ENCODER/image_encoder" ] && GEN+=(--image-encoder-subfolder image_encoder)
   GENERATE=(--refs-per-pid 5-7 --targets-per-ref 70 --amp --num-images $([ "$DATASET" = market1501 ] && echo 45500 || echo 49000))
   REID=(--backbone-weights "${RESNET_WEIGHTS:-imagenet}" ${AMP:+--amp})

@@ -495,3 +495,17 @@ def test_02_stage1_video_pairs_then_stage2_init(world, tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "(init)" in out and os.path.isfile(tmp_path / "stage2" / "checkpoint.pt")
     gen, *_ = common.load_generator(str(tmp_path / "stage2"))  # VAE/encoder sources carried over from stage 1
+
+
+def test_skip_missing_conditions_drops_images_and_small_groups(tmp_path):
+    s02 = load_script("02_train_generator.py")
+    cond = str(tmp_path / "c")
+    items = [(f"img{i}.jpg", cond, f"s{i}") for i in range(5)]
+    for i in (0, 1, 2, 4):  # s3 has no maps
+        for k in common.COND_KINDS:
+            common.save_image(common.cond_path(cond, f"s{i}", k), np.zeros((8, 4), np.uint8))
+    groups = [[0, 1], [2, 3], [3, 4, 0]]
+    with pytest.raises(common.UserError, match="1 of 5 images.*s3.depth.png.*--skip-missing-conditions"):
+        s02.check_conditions(items, groups)
+    # [2, 3] loses its partner and goes; [3, 4, 0] keeps the two with maps
+    assert s02.check_conditions(items, groups, skip_missing=True) == [[0, 1], [4, 0]]
