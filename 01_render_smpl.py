@@ -23,7 +23,6 @@ camera in front, 90 = camera at the person's left side (+x), elevation > 0 = cam
 K is fitted so that the body's projected box fills the frame like a Re-ID crop.
 """
 import os
-import sys
 import csv
 import json
 import time

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from common import COCO17, COCO17_TO_OPENPOSE18, OPENPOSE18_SMPL, SMPL_JOINTS
+from common import COCO17_TO_OPENPOSE18, OPENPOSE18_SMPL, SMPL_JOINTS
 
 DEFAULT_VITPOSE = "usyd-community/vitpose-base-simple"
 # focal length / image height of the fit's camera: the demo world's median (4.43; = FILL * CAM_DISTANCE

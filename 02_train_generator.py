@@ -23,10 +23,8 @@ log.csv, samples/step_XXXXXX.png (reference | depth | normal | skeleton | genera
 Multi-GPU: torchrun --nproc_per_node N 02_train_generator.py ...
 """
 import os
-import sys
 import csv
 import copy
-import json
 import time
 import random
 import argparse

@@ -28,7 +28,6 @@ Generate the pose-diversified augmentation (paper 3.2 + 4.1, DESIGN.md 6) with a
 import os
 import sys
 import csv
-import json
 import glob
 import time
 import argparse

@@ -13,7 +13,6 @@ horizontal flip + pad/crop. Rerunning the same command resumes from <out>/checkp
 """
 import os
 import csv
-import json
 import time
 import random
 import argparse

@@ -2,20 +2,31 @@
 Shared pieces of the Diff-ID pipeline. Only what two or more stage scripts use lives here:
   1. small I/O helpers (one-line errors, atomic writes)
   2. Re-ID data sets in Market-1501 / DukeMTMC-reID layout
-  3. Re-ID training pieces: PK sampler, batch-hard triplet loss
+  3. Re-ID training pieces: image checks, PK sampler, the Re-ID network, batch-hard triplet loss
   4. the Market-1501 evaluation protocol (mAP, CMC, mINP)
-  5. condition maps (depth / normal / skeleton): encoding and file names
+  5. condition maps (depth / normal / skeleton): encoding and file names; the SMPL body, camera
+     and per-image parameter files shared by 01_render_smpl.py and 01b_estimate_smpl.py
   6. generator pieces: reference attention, pose guiders
 """
+import io
 import os
 import re
 import sys
 import glob
 import json
+import math
+import shutil
 import tempfile
 import warnings
+import functools
+import contextlib
 
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # 1. I/O helpers
@@ -72,7 +83,6 @@ def save_json(path, obj):
 
 def save_image(path, img):
     """img: PIL image or HxW / HxWx3 uint8 array. Format from the extension."""
-    from PIL import Image
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
     atomic_write(path, lambda tmp: img.save(tmp, quality=95) if path.lower().endswith((".jpg", ".jpeg"))
@@ -159,8 +169,6 @@ def load_reid_dataset(root, test_root=None, extra_train=(), name=None, check_siz
 def check_images(items, what="images"):
     """Decode every image once; corrupt or unreadable files are dropped with a warning naming
     them, so that training never dies on image 9,000 of an epoch. Returns (kept, num_bad)."""
-    from PIL import Image
-    from tqdm import tqdm
     kept, bad = [], 0
     for it in tqdm(items, desc=f"checking {what}", leave=False, mininterval=1.0):
         try:
@@ -245,8 +253,7 @@ def build_reid_model(arch, num_classes, weights=None):
     for resnet50, the paper's triplet feature) -> linear classifier (cross-entropy). No BNNeck: the paper uses
     the pooled feature for both losses. weights: None, 'imagenet' (torchvision download), or a
     path to a torchvision state dict for the trunk."""
-    import torch
-    import torchvision
+    import torchvision  # only the Re-ID stages need it
 
     if arch not in torchvision.models.list_models(torchvision.models):
         raise UserError(f"unknown --arch '{arch}': use a torchvision classifier with an fc head "
@@ -317,7 +324,6 @@ def pairwise_euclidean(x, y):
 def triplet_loss(features, labels, margin=0.5):
     """Batch-hard triplet loss (Hermans et al. 2017; the paper's margin 0.5): for each anchor,
     the farthest positive and the nearest negative in the batch, hinge on their difference."""
-    import torch
     d = pairwise_euclidean(features, features)
     same = labels[:, None] == labels[None, :]
     hardest_pos = d.masked_fill(~same, float("-inf")).amax(1)
@@ -479,7 +485,6 @@ def skeleton_width(height):
 def draw_skeleton(kp, visible, height, width):
     """kp: 18x2 pixel coordinates (x right, y down) in OpenPose-18 order, visible: 18 bools
     -> HxWx3 uint8 skeleton map."""
-    from PIL import Image, ImageDraw
     img = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(img)
     w = skeleton_width(height)
@@ -498,8 +503,6 @@ def draw_skeleton(kp, visible, height, width):
 def load_conditions(folder, stem, size=None):
     """-> {kind: float32 tensor (C, H, W) in [0, 1]} for depth (C=1), normal, skeleton (C=3).
     size: (height, width) to resize to (bilinear), None keeps the stored size."""
-    import torch
-    from PIL import Image
     out = {}
     for kind in COND_KINDS:
         p = cond_path(folder, stem, kind)
@@ -543,8 +546,6 @@ COCO17_TO_OPENPOSE18 = tuple(OPENPOSE18.index(n) for n in COCO17)
 def load_body(path=None, extra=None):
     """smplx.SMPL for the open body (default) or an official SMPL file (.npz / converted .pkl).
     extra: optional dict of arrays appended to the model (the demo world's backpack vertices)."""
-    import io
-    import contextlib
     import smplx
     path = path or OPEN_BODY
     if not os.path.exists(path):
@@ -588,7 +589,6 @@ def load_body(path=None, extra=None):
 
 def body_forward(model, betas, global_orient, body_pose, chunk=256):
     """Batched SMPL forward (numpy in, numpy out): vertices (N,V,3), joints (N,45,3)."""
-    import torch
     V, J = [], []
     nb = model.num_betas
     with torch.no_grad():
@@ -655,14 +655,6 @@ def load_params(path):
 # The generator of the paper (section 3.4, Figure 4; DESIGN.md 5): a reference U-Net and a
 # denoising U-Net of identical config, pose guiders, frozen VAE and CLIP image encoder.
 # 02_train_generator.py trains it, 03_generate.py samples from it; both use what is here.
-import math
-import shutil
-import functools
-
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
 REF_KEY = "diffid_reference"       # key in cross_attention_kwargs that carries the reference context
 GUIDER_WIDTHS = (16, 32, 96, 256)  # pose guider widths, as in the paper's relatives (AnimateAnyone)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -880,7 +872,6 @@ def to_uint8(images):
 
 def load_image_tensor(path, size):
     """Image file -> (3, H, W) float in [-1, 1] at size (height, width)."""
-    from PIL import Image
     with Image.open(path) as im:
         im = im.convert("RGB")
         if im.size != (size[1], size[0]):

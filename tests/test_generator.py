@@ -306,7 +306,7 @@ def trained(world):
 def test_02_offline_pretrained_path_and_resume_after_kill(trained):
     assert "weights: U-Net + VAE from" in trained["log"] and "image encoder from" in trained["log"]
     assert trained["killed"] == -signal.SIGKILL and trained["killed_at"] < 24, "the run finished before the kill"
-    assert f"resumed from" in trained["resumed"]
+    assert "resumed from" in trained["resumed"]
     ca, cb = read_ckpt(trained["a"]), read_ckpt(trained["b"])
     assert ca["step"] == cb["step"] == 24
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])  # the kill changed nothing

@@ -199,7 +199,7 @@ def test_train_and_evaluate_random_images(tmp_path):
     # warm-up over 4 iterations, then x0.1 from the 6th: learning rate used at iterations 2, 4, 6
     assert [float(l.split(",")[5]) for l in log[1:]] == pytest.approx([0.5e-5, 1e-5, 1e-6])
     assert np.isfinite([float(l.split(",")[1]) for l in log[1:]]).all()
-    r = run("05_evaluate.py", "--model", out / "model.pt", "--data-root", root, "--no-size-check", "--workers", 0)
+    run("05_evaluate.py", "--model", out / "model.pt", "--data-root", root, "--no-size-check", "--workers", 0)
     res = json.loads((tmp_path / "runs" / "results" / "base.json").read_text())
     assert 0 <= res["mAP"] <= 1 and res["num_query"] == 6 and res["num_gallery"] == 6 * 6 + 1
     run("05_evaluate.py", "--model", out / "model.pt", "--data-root", root, "--no-size-check", "--workers", 0)
