@@ -310,12 +310,16 @@ def save_sidecar(path, p, skipped, model_name):
                              for k in keys}, **extra, skipped=np.array(skipped, dtype=str), model=np.array(model_name))
 
 
+def fit_setup(args):
+    """What `fit` and `evaluate` both start with: threads, device, the body and its keypoint model."""
+    torch.set_num_threads(args.threads)
+    body = common.load_body(args.smpl_model)
+    return ("cuda" if torch.cuda.is_available() else "cpu"), body, keypoint_body(body)
+
+
 def run_fit(args):
     t0 = time.time()
-    torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    body = common.load_body(args.smpl_model)
-    kb = keypoint_body(body)
+    device, body, kb = fit_setup(args)
     for split in args.splits:
         kpath = args.keypoints or os.path.join(args.out, f"{split}.keypoints.npz")
         if not os.path.exists(kpath):
@@ -457,10 +461,7 @@ def evaluate_split(body, kb, p, noise, args, device, rng):
 
 def run_evaluate(args):
     t0 = time.time()
-    torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    body = common.load_body(args.smpl_model)
-    kb = keypoint_body(body)
+    device, body, kb = fit_setup(args)
     rows = []
     for split in args.splits:
         p = common.load_params(os.path.join(args.world, split.replace("shifted/", "shifted/smpl/")
