@@ -31,6 +31,8 @@ import common
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data-root", required=True, help="Market-1501-layout folder (bounding_box_train/ ...)")
 p.add_argument("--extra-train", nargs="*", default=[], help="folders of generated images (same naming) merged into train")
+p.add_argument("--extra-count", type=int, default=None,
+               help="use only this many generated images: a fixed subset, nested across counts (Table 2)")
 p.add_argument("--out", required=True, help="output folder: model.pt, checkpoint.pt, log.csv, args.json")
 p.add_argument("--no-size-check", action="store_true", help="skip the Market/Duke image-count sanity check")
 p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18 for CPU demo runs)")
@@ -77,7 +79,8 @@ def main():
 
     # -------------------------------------------------------------------------
     # data
-    data = common.load_reid_dataset(args.data_root, extra_train=args.extra_train, check_sizes=not args.no_size_check)
+    data = common.load_reid_dataset(args.data_root, extra_train=args.extra_train, extra_count=args.extra_count,
+                                    check_sizes=not args.no_size_check)
     train, n_bad = common.check_images(data["train"], "train images")
     labels = np.array([lab for _, lab, _ in train])
     is_aug = np.array([cam == common.AUG_CAMERA - 1 for _, _, cam in train])

@@ -10,6 +10,7 @@ image), ranks the gallery by Euclidean distance and reports mAP, CMC rank-1/5/10
   python 05_evaluate.py --benchmark      # evaluator speed on a Market-sized problem vs a per-query reference
 """
 import os
+import re
 import sys
 import json
 import time
@@ -141,6 +142,16 @@ ROWS = {
 }
 
 
+def row_label(variant):
+    m = re.fullmatch(r"vi_n(\d+)", variant)
+    return f"Table 2: (VI) with {int(m.group(1)):,} generated images" if m else ROWS.get(variant, variant)
+
+
+def row_order(variant):
+    m = re.fullmatch(r"vi_n(\d+)", variant)
+    return (list(ROWS).index(variant) if variant in ROWS else len(ROWS) + (1 if m else 2), int(m.group(1)) if m else 0, variant)
+
+
 def summarize(results_dir, readme=None):
     """Aggregate the per-model json files into one markdown table (mean +- sample std over
     seeds) and optionally splice it into the README between the results markers."""
@@ -150,7 +161,7 @@ def summarize(results_dir, readme=None):
     if not runs:
         raise common.UserError(f"no result json files in '{results_dir}': run 05_evaluate.py on trained models first")
     splits = sorted({r.get("split", "same") for r in runs}, key=lambda s: (s != "same", s))
-    variants = sorted({r.get("variant", r["name"]) for r in runs}, key=lambda v: (list(ROWS).index(v) if v in ROWS else len(ROWS), v))
+    variants = sorted({r.get("variant", r["name"]) for r in runs}, key=row_order)
     ms = lambda xs: f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs, ddof=1):.1f}" if len(xs) > 1 else f"{100 * xs[0]:.1f}"
     head = "| row | " + " | ".join(f"{s}: mAP | {s}: R1" for s in splits) + " | seeds |"
     lines = [head, "|" + "---|" * (2 * len(splits) + 2)]
@@ -160,7 +171,7 @@ def summarize(results_dir, readme=None):
             rs = [r for r in runs if r.get("variant", r["name"]) == v and r.get("split", "same") == s]
             n = max(n, len(rs))
             cells += [ms([r["mAP"] for r in rs]), ms([r["R1"] for r in rs])] if rs else ["", ""]
-        lines.append(f"| {ROWS.get(v, v)} | " + " | ".join(cells) + f" | {n} |")
+        lines.append(f"| {row_label(v)} | " + " | ".join(cells) + f" | {n} |")
     table = "\n".join(lines) + "\n"
     times = os.path.join(results_dir, "stage_times.csv")
     if os.path.exists(times):

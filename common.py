@@ -130,11 +130,13 @@ def list_split(folder, junk=True):
     return [it for it in items if not (junk and it[1] == -1)]
 
 
-def load_reid_dataset(root, test_root=None, extra_train=(), name=None, check_sizes=True):
+def load_reid_dataset(root, test_root=None, extra_train=(), extra_count=None, name=None, check_sizes=True):
     """Returns dict(train=[(path, label, camid)], query=[(path, pid, camid)], gallery=[...],
     num_classes). Train pids are relabelled 0..C-1 over the sorted integer pids (so labels do
     not depend on the order of the files). extra_train: folders of generated images in the same
-    naming, merged into train under their source pid. test_root: where query/ and
+    naming, merged into train under their source pid; extra_count: keep only this many of them,
+    a fixed random subset whose smaller counts are prefixes of larger ones (the paper's Table 2
+    draws growing numbers from one generated pool). test_root: where query/ and
     bounding_box_test/ live, if not under root (the demo world's shifted test split)."""
     if not os.path.isdir(root):
         raise UserError(f"data root '{root}' does not exist: pass the folder that holds "
@@ -152,13 +154,19 @@ def load_reid_dataset(root, test_root=None, extra_train=(), name=None, check_siz
                             f"images, {got[2]} query, {got[3]} gallery images; expected {n_ids} / {n_train}, "
                             f"{n_query}, {n_gallery} (re-extract the archive)")
     real_pids = {p for _, p, _ in train}
+    extra = []
     for folder in extra_train:
-        extra = list_split(folder)
-        unknown = sorted({p for _, p, _ in extra} - real_pids)
+        items = list_split(folder)
+        unknown = sorted({p for _, p, _ in items} - real_pids)
         if unknown:
             raise UserError(f"extra train folder '{folder}' has person ids not in the train split "
                             f"(e.g. {unknown[:5]}): generated images must keep their source pid")
-        train = train + extra
+        extra += items
+    if extra_count is not None:
+        if extra_count > len(extra):
+            raise UserError(f"asked for {extra_count} generated images but {', '.join(extra_train)} hold only {len(extra)}")
+        extra = [extra[i] for i in sorted(np.random.default_rng(0).permutation(len(extra))[:extra_count])]
+    train = train + extra
     pid2label = {pid: i for i, pid in enumerate(sorted(real_pids))}
     train = [(p, pid2label[pid], cam) for p, pid, cam in train]
     return dict(train=train, query=query, gallery=gallery, num_classes=len(pid2label))

@@ -82,7 +82,7 @@ if [ "$DATASET" = demo ]; then
   if [ $SMOKE = 1 ]; then
     WORLD=(--smoke); TARGETS=(--num-poses 4 --views-per-pose 2)
     GEN=(--from-scratch --vae-steps 30 --steps 20 --sample-every 0 --save-every 20)
-    GENERATE=(--refs-per-pid 1 --targets-per-ref 1 --steps 4); FIGURES=(--tsne-max 100)
+    GENERATE=(--refs-per-pid 1 --targets-per-ref 1 --steps 4); FIGURES=(--tsne-max 100); SWEEP=""
     REID=(--arch shufflenet_v2_x0_5 --height 64 --width 32 --P 8 --K 4 --iters 20 --max-aug-share 0.5)
     SEEDS=${SEEDS:-0}
   else
@@ -90,7 +90,7 @@ if [ "$DATASET" = demo ]; then
     # generator: the settings of the measured CPU learning run (docs/generator.md); Re-ID: a small
     # network at 64x32 like the prototype of DESIGN.md 4, so 6 rows x 3 seeds fit on a CPU
     GEN=(--from-scratch --lr 5e-4 --steps 4800 --sample-every 800)
-    GENERATE=(--refs-per-pid 1 --targets-per-ref 10); FIGURES=()
+    GENERATE=(--refs-per-pid 1 --targets-per-ref 10); FIGURES=(); SWEEP="300 600"
     REID=(--arch shufflenet_v2_x0_5 --height 64 --width 32 --P 16 --K 4 --iters 800 --max-aug-share 0.5)
     SEEDS=${SEEDS:-0 1 2}
   fi
@@ -106,8 +106,12 @@ else
   TARGETS=(--num-poses 20 --views-per-pose 4)
   GEN=(--pretrained "$PRETRAINED" --image-encoder "$IMAGE_ENCODER" --amp --steps ${GEN_STEPS:-30000} --skip-missing-conditions)
   [ -d "$IMAGE_ENCODER/image_encoder" ] && GEN+=(--image-encoder-subfolder image_encoder)
-  GENERATE=(--refs-per-pid 5-7 --targets-per-ref 70 --amp --num-images $([ "$DATASET" = market1501 ] && echo 45500 || echo 49000))
+  # (VI) draws its images from an 80k pool like the paper's; Table 2 sweeps nested subsets of it
+  ADD=$([ "$DATASET" = market1501 ] && echo 45500 || echo 49000)
+  GENERATE=(--refs-per-pid 5-7 --targets-per-ref 70 --amp --num-images $ADD)
+  GENERATE_VI=(--refs-per-pid 5-7 --targets-per-ref 70 --amp --num-images 80000)
   REID=(--backbone-weights "${RESNET_WEIGHTS:-imagenet}" ${AMP:+--amp})
+  SWEEP="3500 7000 14000 21000 28000 35000 42000 56000"
   SEEDS=${SEEDS:-0}
   SPLITS="same:$DATA_ROOT"
   NOCHECK=
@@ -122,8 +126,9 @@ done
 stage generator 02_train_generator.py --data "$DATA_ROOT" --conditions "$RUN/conditions" --out "$RUN/generator" \
   --resolution $SIZE "${GEN[@]}" ${DEVICE:+--device $DEVICE}
 for v in $VARIANTS; do
+  gen=("${GENERATE[@]}"); [ $v = vi ] && [ -n "${GENERATE_VI+x}" ] && gen=("${GENERATE_VI[@]}")
   stage "generate $v" 03_generate.py --generator "$RUN/generator" --data "$DATA_ROOT" --targets "$RUN/targets/$v" \
-    --out "$RUN/augmented/$v" "${GENERATE[@]}" ${DEVICE:+--device $DEVICE}
+    --out "$RUN/augmented/$v" "${gen[@]}" ${DEVICE:+--device $DEVICE}
 done
 if [ "$DATASET" = demo ]; then
   # ORACLE row: the same jobs as (VI), rendered as ground truth; and the generator's fidelity
@@ -134,10 +139,12 @@ if [ "$DATASET" = demo ]; then
   VARIANTS="$VARIANTS oracle"
 fi
 
-# Re-ID: one model per row and seed, evaluated on every test split
-for v in base $VARIANTS; do
+# Re-ID: one model per row and seed, evaluated on every test split; vi_nN = Table 2: (VI) with N
+# generated images (nested subsets of one pool, 04 --extra-count)
+for v in base $VARIANTS $(for n in $SWEEP; do echo vi_n$n; done); do
   for seed in $SEEDS; do
-    extra=(); [ $v = base ] || extra=(--extra-train "$RUN/augmented/$v/bounding_box_train")
+    extra=(); [ $v = base ] || extra=(--extra-train "$RUN/augmented/${v%_n*}/bounding_box_train")
+    case $v in vi_n*) extra+=(--extra-count ${v#vi_n}) ;; vi) [ -n "${ADD:-}" ] && extra+=(--extra-count $ADD) ;; esac
     stage "reid $v" 04_train_reid.py --data-root "$DATA_ROOT" --out "$RUN/reid/${v}_s$seed" --seed $seed \
       "${extra[@]}" "${REID[@]}" $NOCHECK ${DEVICE:+--device $DEVICE}
     for sp in $SPLITS; do

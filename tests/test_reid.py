@@ -87,6 +87,22 @@ def test_dataset_relabel_junk_distractor_and_extra(tmp_path):
     assert 0 in g_pids and -1 not in g_pids
 
 
+def test_extra_count_takes_nested_subsets(tmp_path):
+    root = make_market(tmp_path / "m", n_ids=3, per_cam=1)
+    extra = tmp_path / "aug" / "bounding_box_train"
+    for i in range(20):
+        common.save_image(str(extra / f"{1 + i % 3:04d}_c9s1_{i:06d}_00.jpg"), np.zeros((8, 4, 3), np.uint8))
+    n_real = len(common.load_reid_dataset(str(root))["train"])
+    picked = {}
+    for n in (0, 5, 12, 20):
+        d = common.load_reid_dataset(str(root), extra_train=[str(extra)], extra_count=n)
+        picked[n] = {p for p, _, _ in d["train"] if "_c9s1_" in p}
+        assert len(d["train"]) == n_real + n and len(picked[n]) == n
+    assert picked[0] < picked[5] < picked[12] < picked[20]  # smaller counts are subsets of larger ones
+    with pytest.raises(common.UserError, match="only 20"):
+        common.load_reid_dataset(str(root), extra_train=[str(extra)], extra_count=21)
+
+
 def test_dataset_size_check_names_folder(tmp_path):
     root = make_market(tmp_path / "market1501", n_ids=3, per_cam=1)
     with pytest.raises(common.UserError, match="market1501.*expected 751"):
@@ -316,7 +332,7 @@ def test_ddp_two_processes_cpu(tmp_path):
 def test_summarize_mean_and_spread_into_readme(tmp_path):
     res = tmp_path / "results"
     for variant, split, seed, m in [("base", "same", 0, 0.50), ("base", "same", 1, 0.60), ("base", "shifted", 0, 0.2),
-                                    ("vi", "same", 0, 0.55)]:
+                                    ("vi", "same", 0, 0.55), ("vi_n600", "same", 0, 0.4), ("vi_n50", "same", 0, 0.3)]:
         common.save_json(str(res / f"{variant}_s{seed}_{split}.json"),
                          dict(name=f"{variant}_s{seed}_{split}", variant=variant, seed=seed, split=split, mAP=m, R1=m + 0.1))
     (tmp_path / "stage_times.csv").write_text("stage,seconds\n")
@@ -331,3 +347,7 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     assert "55.0 ± 7.1 | 65.0 ± 7.1 | 20.0 | 30.0 | 2 |" in base, base
     assert "| (VI) both = Diff-ID | 55.0 | 65.0 |  |  | 1 |" in text
     assert "| reid | 7 |" in text
+    # Table 2 rows follow Table 1's, by the number of generated images
+    labels = [l.split(" | ")[0] for l in text.splitlines() if l.startswith("| (") or l.startswith("| Table 2")]
+    assert labels == ["| (I) no augmentation", "| (VI) both = Diff-ID", "| Table 2: (VI) with 50 generated images",
+                      "| Table 2: (VI) with 600 generated images"]
