@@ -7,20 +7,16 @@ the sidecar working with '01 conditions --smpl', and one-line errors. CPU, offli
 import os
 import sys
 import subprocess
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from stages import ROOT, load_stage  # noqa: E402  (puts the repository root on sys.path)
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 import common  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("estimate01b", os.path.join(ROOT, "01b_estimate_smpl.py"))
-e01 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(e01)
+e01 = load_stage("01b_estimate_smpl.py")
 SCRIPT = os.path.join(ROOT, "01b_estimate_smpl.py")
 RENDER = os.path.join(ROOT, "01_render_smpl.py")
 

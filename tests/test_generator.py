@@ -7,15 +7,13 @@ import csv
 import copy
 import time
 import signal
-import importlib.util
 import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from stages import ROOT, load_stage  # noqa: E402  (puts the repository root on sys.path)
 import common  # noqa: E402
 
 torch.set_num_threads(1)
@@ -24,11 +22,6 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBL
 W, H = 16, 32  # image size of the tiny world (width, height)
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name.replace(".py", "").replace("0", "s0", 1), os.path.join(ROOT, name))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def script(name, *args, timeout=300):
@@ -161,7 +154,7 @@ def test_blocks_are_paired_by_qualified_name():
 
 
 def test_gradients_reach_both_unets_and_every_guider():
-    s02 = load_script("02_train_generator.py")
+    s02 = load_stage("02_train_generator.py")
     gen = tiny_generator()
     frozen = s02.freeze_unused_reference(gen, (H // 2, W // 2), 16)
     assert any(n.startswith("conv_out") for n in frozen) and not any(n.startswith("down_blocks.0.resnets") for n in frozen)
@@ -333,7 +326,7 @@ def listing(out):
 
 
 def test_03_reference_unet_runs_once_per_reference(world, trained, monkeypatch, tmp_path):
-    s03 = load_script("03_generate.py")
+    s03 = load_stage("03_generate.py")
     calls = []
     load = common.load_generator
     def counting(folder):
@@ -402,7 +395,7 @@ def test_03_kill_rerun_and_shards_match_a_straight_run(world, trained, tmp_path)
 
 
 def test_fidelity_metrics_and_controls(world, tmp_path):
-    s03 = load_script("03_generate.py")
+    s03 = load_stage("03_generate.py")
     gdir, odir = tmp_path / "gen", tmp_path / "oracle"
     rows = ["file,source,pid,target_id,pose_id,elevation,azimuth,seed"]
     for pid in (1, 2):
@@ -438,7 +431,7 @@ def one_line_error(capsys, mod, argv, monkeypatch, main=None):
 
 def test_bad_inputs_give_one_line(world, trained, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    s02, s03 = load_script("02_train_generator.py"), load_script("03_generate.py")
+    s02, s03 = load_stage("02_train_generator.py"), load_stage("03_generate.py")
     base = lambda out: train_args(world, str(tmp_path / out), 1)
     args = base("o1")
     args[args.index("--pretrained") + 1] = str(tmp_path / "nope")
@@ -469,7 +462,7 @@ def test_bad_inputs_give_one_line(world, trained, tmp_path, capsys, monkeypatch)
 
 
 def test_02_stage1_video_pairs_then_stage2_init(world, tmp_path, monkeypatch, capsys):
-    s02 = load_script("02_train_generator.py")
+    s02 = load_stage("02_train_generator.py")
     frames, fcond = tmp_path / "frames", tmp_path / "frame_maps"
     for vid in ("vidA", "vidB"):
         for k in range(6):
@@ -498,7 +491,7 @@ def test_02_stage1_video_pairs_then_stage2_init(world, tmp_path, monkeypatch, ca
 
 
 def test_skip_missing_conditions_drops_images_and_small_groups(tmp_path):
-    s02 = load_script("02_train_generator.py")
+    s02 = load_stage("02_train_generator.py")
     cond = str(tmp_path / "c")
     items = [(f"img{i}.jpg", cond, f"s{i}") for i in range(5)]
     for i in (0, 1, 2, 4):  # s3 has no maps

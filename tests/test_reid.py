@@ -4,7 +4,6 @@ import sys
 import json
 import time
 import signal
-import importlib.util
 import subprocess
 
 import numpy as np
@@ -12,13 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from stages import ROOT, load_stage  # noqa: E402  (puts the repository root on sys.path)
 import common  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("evaluate05", os.path.join(ROOT, "05_evaluate.py"))
-evaluate05 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(evaluate05)
+evaluate05 = load_stage("05_evaluate.py")
 
 
 def run(script, *args, check=True):

@@ -6,19 +6,15 @@ import os
 import sys
 import pickle
 import subprocess
-import importlib.util
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from stages import ROOT, load_stage  # noqa: E402  (puts the repository root on sys.path)
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 import common  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("render01", os.path.join(ROOT, "01_render_smpl.py"))
-r01 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(r01)
+r01 = load_stage("01_render_smpl.py")
 SCRIPT = os.path.join(ROOT, "01_render_smpl.py")
 SIZE = (256, 128)  # (height, width)
 
