@@ -23,7 +23,8 @@ Generate the pose-diversified augmentation (paper 3.2 + 4.1, DESIGN.md 6) with a
   compares every generated image to the oracle render of the same file name (same identity,
   pose, viewpoint): PSNR, SSIM and foreground-mask IoU, with two controls: the oracle of the same
   identity in ANOTHER target pose (pose-shuffled) and the oracle of ANOTHER identity in the same
-  target pose. Writes <generated>/fidelity.json.
+  target pose. Writes <generated>/fidelity.json (--out), and with --sheet a PNG of references and
+  their (skeleton | generated | oracle) triples.
 """
 import os
 import sys
@@ -309,7 +310,15 @@ def fidelity(argv):
     p.add_argument("--oracle-masks", default=None, help="folder of oracle foreground masks <stem>.mask.png "
                    "(default <oracle>/masks, written by 01 oracle; else estimated like the generated ones)")
     p.add_argument("--out", default=None, help="JSON to write (default <generated>/fidelity.json)")
+    p.add_argument("--sheet", default=None, help="also write a PNG contact sheet: per row a reference, then "
+                   "4 x (target skeleton | generated | oracle); needs --data and --targets")
+    p.add_argument("--data", default=None, help="with --sheet: the data set root whose bounding_box_train/ "
+                   "holds the references")
+    p.add_argument("--targets", default=None, help="with --sheet: the target set (maps/<target_id>.skeleton.png)")
+    p.add_argument("--sheet-rows", type=int, default=6)
     args = p.parse_args(argv)
+    if args.sheet and not (args.data and args.targets):
+        raise UserError("--sheet needs --data (references) and --targets (skeleton maps)")
     from PIL import Image
     man = os.path.join(args.generated, "manifest.csv")
     if not os.path.isfile(man):
@@ -383,6 +392,8 @@ def fidelity(argv):
                identity_gain_psnr_foreground=dict(mean=mean(m["gain_id_psnr_fg"]), ci95=ci(m["gain_id_psnr_fg"])))
     out = args.out or os.path.join(args.generated, "fidelity.json")
     common.save_json(out, res)
+    if args.sheet:
+        sample_sheet(args, have, gen, ora)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     print(f"{len(have)} images vs oracle: PSNR {fmt(res['psnr'])} dB (person only {fmt(res['psnr_foreground'])}), "
           f"SSIM {fmt(res['ssim'])}, mask IoU {fmt(res['mask_iou'])}")
@@ -397,6 +408,30 @@ def fidelity(argv):
             print(f"  {name}: {g['mean']:+.4f} (95% CI {g['ci95'][0]:+.4f} .. {g['ci95'][1]:+.4f})")
     print(f"wrote {out}")
     return res
+
+
+def sample_sheet(args, rows, gen, ora, per_row=4):
+    """The picture next to the numbers: references spread over the identities, each followed by
+    per_row of its jobs as (target skeleton | generated | oracle), all at the generated size."""
+    from PIL import Image
+    by_src = {}
+    for r in rows:
+        by_src.setdefault(r["source"], []).append(r)
+    sources = sorted(by_src)
+    pick = [sources[i] for i in np.linspace(0, len(sources) - 1, min(args.sheet_rows, len(sources))).astype(int)]
+    h, w = next(iter(gen.values())).shape[:2]
+    tile = lambda path, mode="RGB": np.asarray(Image.open(path).convert(mode).resize((w, h), Image.BICUBIC))
+    to8 = lambda a: (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+    lines = []
+    for src in pick:
+        cells = [tile(os.path.join(args.data, "bounding_box_train", src))]
+        for r in by_src[src][:per_row]:
+            cells += [tile(common.cond_path(os.path.join(args.targets, "maps"), r["target_id"], "skeleton")),
+                      to8(gen[r["file"]]), to8(ora[r["file"]])]
+        cells += [np.zeros((h, w, 3), np.uint8)] * (1 + 3 * per_row - len(cells))  # pad short rows
+        lines.append(np.concatenate(cells, 1))
+    common.save_image(args.sheet, np.concatenate(lines, 0))
+    print(f"wrote {args.sheet} ({len(lines)} references x {per_row} jobs: skeleton | generated | oracle)")
 
 
 def main():

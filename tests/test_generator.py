@@ -414,6 +414,24 @@ def test_fidelity_metrics_and_controls(world, tmp_path):
     assert res["control_other_identity"]["psnr"] < res["psnr"]
     assert res["control_other_identity"]["psnr_foreground"] < res["psnr_foreground"]
     assert os.path.isfile(gdir / "fidelity.json")
+    # the contact sheet: reference | 3 x (skeleton | generated | oracle) | one empty slot, per source
+    from PIL import Image
+    data, targets = tmp_path / "data", tmp_path / "targets"
+    for pid in (1, 2):
+        common.save_image(str(data / "bounding_box_train" / f"src{pid}.jpg"), person(1, pid, pose=0)[0])
+    for ti in range(3):
+        common.save_image(common.cond_path(str(targets / "maps"), f"t{ti}", "skeleton"), np.full((H, W, 3), 40 * ti, np.uint8))
+    sheet = str(tmp_path / "sheet.png")
+    s03.fidelity(["--generated", str(gdir), "--oracle", str(odir), "--sheet", sheet, "--data", str(data), "--targets", str(targets)])
+    S = np.asarray(Image.open(sheet))
+    assert S.shape == (2 * H, 13 * W, 3)
+    cell = lambda r, c: S[r * H:(r + 1) * H, c * W:(c + 1) * W]
+    load = lambda p: np.asarray(Image.open(p).convert("RGB"))
+    assert np.array_equal(cell(1, 0), load(data / "bounding_box_train" / "src2.jpg"))
+    assert np.array_equal(cell(1, 4), np.full((H, W, 3), 40, np.uint8))  # src2's second job is t1
+    assert np.array_equal(cell(1, 5), load(gdir / "bounding_box_train/0002_c9s1_000001_00.jpg"))
+    assert np.array_equal(cell(0, 9), load(odir / "bounding_box_train/0001_c9s1_000002_00.jpg"))
+    assert not cell(0, 12).any()
     a = np.random.default_rng(0).random((32, 16, 3))
     assert s03.ssim(a, a) == pytest.approx(1.0) and s03.ssim(a, 1 - a) < 0.1
 
