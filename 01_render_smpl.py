@@ -5,10 +5,10 @@ pose sampling, the built-in synthetic Re-ID world ("demo") with its oracle, and 
   python 01_render_smpl.py world      --out runs/demo/world            # the demo data set
   python 01_render_smpl.py conditions --data runs/demo/world --out runs/demo/conditions
                  (real photos: --data DATA --smpl runs/<ds>/smpl, the sidecars of 01b_estimate_smpl.py)
-  python 01_render_smpl.py targets    --out runs/demo/targets/uniform_ood --poses ood --views uniform
-  python 01_render_smpl.py oracle     --manifest runs/demo/augmented/x/manifest.csv
-                 --targets runs/demo/targets/uniform_ood --world runs/demo/world --out runs/demo/augmented/oracle
-  python 01_render_smpl.py figures    --data runs/demo/world --targets runs/demo/targets/uniform_ood
+  python 01_render_smpl.py targets    --out runs/demo/targets/vi --poses ood --views uniform
+  python 01_render_smpl.py oracle     --manifest runs/demo/augmented/vi/manifest.csv
+                 --targets runs/demo/targets/vi --world runs/demo/world --out runs/demo/augmented/oracle
+  python 01_render_smpl.py figures    --data runs/demo/world --targets runs/demo/targets/vi
   python 01_render_smpl.py --benchmark
 
 Body: the open SMPL-layout body in assets/open_body.npz (CC0, see assets/README.md) by default;

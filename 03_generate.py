@@ -4,7 +4,7 @@ Generate the pose-diversified augmentation (paper 3.2 + 4.1, DESIGN.md 6) with a
 
   generate (default):
     python 03_generate.py --generator runs/demo/generator --data runs/demo/world \
-        --targets runs/demo/targets/uniform --out runs/demo/augmented/diffid [--num-images N]
+        --targets runs/demo/targets/vi --out runs/demo/augmented/vi [--num-images N]
   For every person id of <data>/bounding_box_train, 5-7 reference images are sampled
   (--refs-per-pid); each is rendered in every target condition set of --targets (targets.csv +
   maps/<target_id>.{depth,normal,skeleton}.png; --targets-per-ref draws a subset) with DDIM +
@@ -19,7 +19,7 @@ Generate the pose-diversified augmentation (paper 3.2 + 4.1, DESIGN.md 6) with a
   images/s with the reference cache vs recomputing the reference U-Net every step.
 
   fidelity (the demo world, where ground truth exists):
-    python 03_generate.py fidelity --generated runs/demo/augmented/diffid --oracle runs/demo/augmented/oracle_of_diffid
+    python 03_generate.py fidelity --generated runs/demo/augmented/vi --oracle runs/demo/augmented/oracle
   compares every generated image to the oracle render of the same file name (same identity,
   pose, viewpoint): PSNR, SSIM and foreground-mask IoU, with two controls: the oracle of the same
   identity in ANOTHER target pose (pose-shuffled) and the oracle of ANOTHER identity in the same
