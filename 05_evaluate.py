@@ -162,25 +162,41 @@ def summarize(results_dir, readme=None):
         raise common.UserError(f"no result json files in '{results_dir}': run 05_evaluate.py on trained models first")
     splits = sorted({r.get("split", "same") for r in runs}, key=lambda s: (s != "same", s))
     variants = sorted({r.get("variant", r["name"]) for r in runs}, key=row_order)
-    ms = lambda xs: f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs, ddof=1):.1f}" if len(xs) > 1 else f"{100 * xs[0]:.1f}"
-    head = "| row | " + " | ".join(f"{s}: mAP | {s}: R1" for s in splits) + " | seeds |"
-    lines = [head, "|" + "---|" * (2 * len(splits) + 2)]
+    ms = lambda xs, sign="": (f"{100 * np.mean(xs):{sign}.1f} ± {100 * np.std(xs, ddof=1):.1f}" if len(xs) > 1
+                              else f"{100 * xs[0]:{sign}.1f}" if xs else "")
+    by = {(r.get("variant", r["name"]), r.get("split", "same"), r.get("seed")): r for r in runs}
+    head = ("| row | " + " | ".join(f"{s}: mAP | {s}: R1" for s in splits) + " | "
+            + " | ".join(f"{s}: mAP − (I)" for s in splits) + " | seeds |")
+    lines = [head, "|" + "---|" * (3 * len(splits) + 2)]
     for v in variants:
-        cells, n = [], 0
+        cells, deltas, n = [], [], 0
         for s in splits:
             rs = [r for r in runs if r.get("variant", r["name"]) == v and r.get("split", "same") == s]
             n = max(n, len(rs))
-            cells += [ms([r["mAP"] for r in rs]), ms([r["R1"] for r in rs])] if rs else ["", ""]
-        lines.append(f"| {row_label(v)} | " + " | ".join(cells) + f" | {n} |")
+            cells += [ms([r["mAP"] for r in rs]), ms([r["R1"] for r in rs])]
+            # paired by seed: the same seed draws the same PK batches of the real images in both runs
+            pairs = [(r, by.get(("base", s, r.get("seed")))) for r in rs] if v != "base" else []
+            deltas.append(ms([r["mAP"] - b["mAP"] for r, b in pairs if b], "+"))
+        lines.append(f"| {row_label(v)} | " + " | ".join(cells + deltas) + f" | {n} |")
     table = "\n".join(lines) + "\n"
+    fid = os.path.join(results_dir, "fidelity.json")
+    if os.path.exists(fid):
+        f = json.load(open(fid))
+        g, c = f["identity_gain_psnr_foreground"], f["control_pose_shuffled"]
+        table += (f"\nGenerator fidelity, {f['images']:,} generated (VI) images against ground-truth renders of the same "
+                  f"jobs (`03_generate.py fidelity`): person PSNR {f['psnr_foreground']:.2f} dB, "
+                  f"{g['mean']:+.2f} dB (95% CI {g['ci95'][0]:+.2f} .. {g['ci95'][1]:+.2f}) over another identity in the "
+                  f"same pose; mask IoU {f['mask_iou']:.3f} against {c['mask_iou']:.3f} with the target pose shuffled.\n")
     times = os.path.join(results_dir, "stage_times.csv")
     if os.path.exists(times):
         import csv
-        rows = list(csv.DictReader(open(times)))
-        total = {}
-        for r in rows:
+        total, count = {}, {}
+        for r in csv.DictReader(open(times)):
             total[r["stage"]] = total.get(r["stage"], 0) + int(r["seconds"])
-        table += "\n| stage | wall time (s) |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in total.items())
+            count[r["stage"]] = count.get(r["stage"], 0) + 1
+        table += ("\n| stage | runs | wall time (s) |\n|---|---|---|\n"
+                  + "".join(f"| {k} | {count[k]} | {v:,} |\n" for k, v in total.items())
+                  + f"| all | {sum(count.values())} | {sum(total.values()):,} ({sum(total.values()) / 60:.0f} min) |\n")
     common.save_text(os.path.join(results_dir, "summary.md"), table)
     print(table)
     print(f"wrote {os.path.join(results_dir, 'summary.md')}")

@@ -332,6 +332,8 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
         common.save_json(str(res / f"{variant}_s{seed}_{split}.json"),
                          dict(name=f"{variant}_s{seed}_{split}", variant=variant, seed=seed, split=split, mAP=m, R1=m + 0.1))
     (tmp_path / "stage_times.csv").write_text("stage,seconds\n")
+    common.save_json(str(res / "fidelity.json"), dict(images=1200, psnr_foreground=15.754, mask_iou=0.348,
+                     identity_gain_psnr_foreground=dict(mean=0.234, ci95=[0.11, 0.351]), control_pose_shuffled=dict(mask_iou=0.2681)))
     (res / "stage_times.csv").write_text("stage,seconds\nworld,10\nreid,3\nreid,4\n")
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\nrest\n")
@@ -340,9 +342,12 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("<!-- results:end -->\nrest\n")
     base = [l for l in text.splitlines() if l.startswith("| (I) no augmentation")][0]
     # mean 55.0, sample std of (50, 60) = 7.07; R1 65.0 +- 7.1; shifted has one seed
-    assert "55.0 ± 7.1 | 65.0 ± 7.1 | 20.0 | 30.0 | 2 |" in base, base
-    assert "| (VI) both = Diff-ID | 55.0 | 65.0 |  |  | 1 |" in text
-    assert "| reid | 7 |" in text
+    assert "55.0 ± 7.1 | 65.0 ± 7.1 | 20.0 | 30.0 |  |  | 2 |" in base, base
+    # the gain over (I) pairs seeds: vi seed 0 (55) - base seed 0 (50); no base seed to pair on shifted
+    assert "| (VI) both = Diff-ID | 55.0 | 65.0 |  |  | +5.0 |  | 1 |" in text
+    assert "1,200 generated (VI) images" in text and "person PSNR 15.75 dB, +0.23 dB (95% CI +0.11 .. +0.35)" in text
+    assert "mask IoU 0.348 against 0.268 with" in text
+    assert "| reid | 2 | 7 |" in text and "| all | 3 | 17 (0 min) |" in text
     # Table 2 rows follow Table 1's, by the number of generated images
     labels = [l.split(" | ")[0] for l in text.splitlines() if l.startswith("| (") or l.startswith("| Table 2")]
     assert labels == ["| (I) no augmentation", "| (VI) both = Diff-ID", "| Table 2: (VI) with 50 generated images",
