@@ -71,6 +71,12 @@ def atomic_write(path, write_fn, suffix=None):
 
 
 def save_text(path, text):
+    """Unchanged text keeps the file and its mtime, so a rerun does not make later stages look stale."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+
     def w(tmp):
         with open(tmp, "w") as f:
             f.write(text)

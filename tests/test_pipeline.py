@@ -1,4 +1,4 @@
-"""End to end: `bash run_all.sh demo --smoke` runs every stage and produces the Table 1 summary."""
+"""End to end: `bash run_all.sh demo --smoke --tables` runs every stage and produces the Table 1 summary."""
 import os
 import csv
 import json
@@ -11,7 +11,7 @@ ROWS = ["(I) no augmentation", "(II) in-distribution poses and viewpoints", "(II
 
 def test_run_all_demo_smoke(tmp_path):
     env = dict(os.environ, RUNS_DIR=str(tmp_path))
-    r = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "demo", "--smoke"], capture_output=True, text=True, env=env)
+    r = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "demo", "--smoke", "--tables"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = tmp_path / "demo-smoke"
     summary = (run / "results" / "summary.md").read_text()
@@ -28,10 +28,13 @@ def test_run_all_demo_smoke(tmp_path):
         assert all("_c9s1_" in f for f in files)
     oracle = sorted(os.listdir(run / "augmented" / "oracle" / "bounding_box_train"))
     assert oracle == sorted(os.listdir(run / "augmented" / "vi" / "bounding_box_train"))
-    fid = json.loads((run / "augmented" / "vi" / "fidelity.json").read_text())
-    assert fid
-    for f in ("fig3_viewpoints.png", "fig3_tsne_poses.png"):
+    fid = json.loads((run / "results" / "fidelity.json").read_text())
+    assert fid["images"] == len(oracle)
+    for f in ("fig3_viewpoints.png", "fig3_tsne_poses.png", "generated_vs_oracle.png"):
         assert (run / "results" / "figures" / f).stat().st_size > 1000
-    # rerunning finds everything done and leaves the results as they were
+    # the plain run (rows I and VI) afterwards finds everything done: nothing trained or evaluated
+    # again, and the summary still holds every row with the same numbers
     r2 = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "demo", "--smoke"], capture_output=True, text=True, env=env)
-    assert r2.returncode == 0 and (run / "results" / "summary.md").read_text().split("| stage |")[0] == summary.split("| stage |")[0]
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert r2.stdout.count("is already trained to iteration") == 2 and "== evaluate: python" not in r2.stdout, r2.stdout[-3000:]
+    assert (run / "results" / "summary.md").read_text().split("| stage |")[0] == summary.split("| stage |")[0]
