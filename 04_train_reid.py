@@ -8,7 +8,8 @@ horizontal flip + pad/crop. Rerunning the same command resumes from <out>/checkp
 
   python 04_train_reid.py --data-root data/market1501 --out runs/market1501/reid/base
   python 04_train_reid.py --data-root runs/demo/world --extra-train runs/demo/augmented/vi/bounding_box_train \\
-      --arch resnet18 --height 128 --width 64 --P 16 --K 4 --iters 800 --out runs/demo/reid/vi
+      --arch resnet18 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 16 --K 4 --iters 800 \
+      --max-aug-share 0.5 --out runs/demo/reid/vi_s0      # from scratch: BNNeck + a larger lr (README)
   torchrun --nproc_per_node 2 04_train_reid.py ...     # DDP: P identities split over the GPUs
 """
 import os
@@ -57,6 +58,8 @@ p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu
 p.add_argument("--amp", action="store_true", help="bf16 autocast")
 p.add_argument("--ckpt-every", type=int, default=500, help="iterations between checkpoints")
 p.add_argument("--log-every", type=int, default=10)
+p.add_argument("--bnneck", action="store_true", help="BatchNorm1d between feature and classifier (Bag of "
+               "Tricks; not in the paper): needed to train from scratch, where the batch-hard triplet collapses")
 p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
@@ -100,10 +103,11 @@ def main():
 
     # -------------------------------------------------------------------------
     # model, optimizer, resume
-    model = common.build_reid_model(args.arch, data["num_classes"], args.backbone_weights).to(device)
+    model = common.build_reid_model(args.arch, data["num_classes"], args.backbone_weights, args.bnneck).to(device)
     optimizer = torch.optim.Adam([
         dict(params=model.backbone.parameters(), lr=args.lr),
-        dict(params=model.classifier.parameters(), lr=args.lr_classifier),
+        dict(params=[q for q in [*model.neck.parameters(), *model.classifier.parameters()] if q.requires_grad],
+             lr=args.lr_classifier),
     ], weight_decay=args.weight_decay)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     log_path = os.path.join(args.out, "log.csv")
@@ -189,7 +193,7 @@ def main():
     if master:
         log.close()
         out = os.path.join(args.out, "model.pt")
-        state = dict(state_dict=model.state_dict(), arch=args.arch, num_classes=data["num_classes"],
+        state = dict(state_dict=model.state_dict(), arch=args.arch, num_classes=data["num_classes"], bnneck=args.bnneck,
                      height=args.height, width=args.width, iterations=it)
         common.atomic_write(out, lambda tmp: torch.save(state, tmp))
         print(f"wrote {out} ({it} iterations, {time.time() - t0:.0f} s), {log_path}, {ckpt_path}")

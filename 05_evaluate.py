@@ -224,7 +224,7 @@ def main():
         raise common.UserError(f"model file '{args.model}' does not exist: train it with 04_train_reid.py")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = torch.load(args.model, map_location="cpu", weights_only=False)
-    model = common.build_reid_model(ckpt["arch"], ckpt["num_classes"])
+    model = common.build_reid_model(ckpt["arch"], ckpt["num_classes"], bnneck=ckpt.get("bnneck", False))
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
 

@@ -261,12 +261,16 @@ class PKSampler:
             e += 1
 
 
-def build_reid_model(arch, num_classes, weights=None):
+def build_reid_model(arch, num_classes, weights=None, bnneck=False):
     """torchvision trunk (ResNet50 in the paper; any torchvision classifier with an fc head,
     e.g. resnet18 or shufflenet_v2_x0_5 for CPU runs) -> global average pool -> feature (2048-d
     for resnet50, the paper's triplet feature) -> linear classifier (cross-entropy). No BNNeck: the paper uses
-    the pooled feature for both losses. weights: None, 'imagenet' (torchvision download), or a
-    path to a torchvision state dict for the trunk."""
+    the pooled feature for both losses. bnneck=True (Luo et al. 2019, "Bag of Tricks") puts a
+    BatchNorm1d between the feature and a bias-free classifier: the triplet loss still sees the
+    pooled feature, cross-entropy a normalised copy, so a trunk trained from scratch cannot satisfy
+    both by shrinking every feature to one point. forward() returns (pooled feature, logits) either
+    way; the pooled feature is what 05 ranks. weights: None, 'imagenet' (torchvision download), or
+    a path to a torchvision state dict for the trunk."""
     import torchvision  # only the Re-ID stages need it
 
     if arch not in torchvision.models.list_models(torchvision.models):
@@ -298,11 +302,14 @@ def build_reid_model(arch, num_classes, weights=None):
             self.feat_dim = trunk.fc.in_features
             trunk.fc = torch.nn.Identity()  # trunk(x) is now the globally pooled feature
             self.backbone = trunk
-            self.classifier = torch.nn.Linear(self.feat_dim, num_classes)
+            self.neck = torch.nn.BatchNorm1d(self.feat_dim) if bnneck else torch.nn.Identity()
+            if bnneck:
+                self.neck.bias.requires_grad_(False)  # a scale per channel, no shift (Bag of Tricks)
+            self.classifier = torch.nn.Linear(self.feat_dim, num_classes, bias=not bnneck)
 
         def forward(self, x):
             f = self.backbone(x)
-            return f, self.classifier(f)
+            return f, self.classifier(self.neck(f))
 
     return Net()
 

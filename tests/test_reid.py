@@ -205,7 +205,7 @@ def test_train_and_evaluate_random_images(tmp_path):
     root = make_market(tmp_path / "data")
     out = tmp_path / "runs" / "reid" / "base"
     run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", 6, "--log-every", 2,
-        "--warmup", 4, "--lr-steps", 5, *TINY)
+        "--warmup", 4, "--lr-steps", 5, "--bnneck", *TINY)  # (05 must rebuild the BNNeck from model.pt)
     log = (out / "log.csv").read_text().splitlines()
     assert log[0].startswith("iteration,loss") and [l.split(",")[0] for l in log[1:]] == ["2", "4", "6"]
     # warm-up over 4 iterations, then x0.1 from the 6th: learning rate used at iterations 2, 4, 6
@@ -312,6 +312,23 @@ def test_backbone_weights_from_file(tmp_path):
     ref.fc = torch.nn.Identity()
     ref.eval(), m.eval()
     assert torch.allclose(m(x)[0], ref(x)) and m(x)[1].shape == (2, 5)
+
+
+def test_bnneck_logits_and_feature():
+    torch.manual_seed(0)
+    m = common.build_reid_model("resnet18", 5, bnneck=True)
+    m.train()
+    m(torch.randn(8, 3, 32, 16))  # move the running statistics away from (0, 1)
+    with torch.no_grad():
+        m.neck.weight.uniform_(0.5, 2.0)
+    m.eval()
+    x = torch.randn(4, 3, 32, 16)
+    f, logits = m(x)
+    assert torch.equal(f, m.backbone(x))  # the triplet / ranking feature is the pooled one, before the BN
+    n = m.neck
+    ref = (f - n.running_mean) / torch.sqrt(n.running_var + n.eps) * n.weight @ m.classifier.weight.T
+    assert torch.allclose(logits, ref, atol=1e-4)
+    assert m.classifier.bias is None and not n.bias.requires_grad and n.bias.abs().sum() == 0
 
 
 def test_ddp_two_processes_cpu(tmp_path):
