@@ -104,8 +104,8 @@ if [ "$DATASET" = demo ]; then
     GENERATE=(--refs-per-pid 1 --targets-per-ref 10); FIGURES=(); SWEEP="300 600"
     REID=(--arch resnet18 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 16 --K 4 --iters 800 --max-aug-share 0.5)
     SEEDS=${SEEDS:-0 1 2}
-    # measured on 2 CPU cores, 3 seeds (README, "Results on the demo world")
-    echo "expected time: about $([ $TABLES = 1 ] && echo EXPECT_TABLES || echo EXPECT_PLAIN) minutes on a 2-core CPU (rerunning resumes)"
+    # the sums of the stage times of the recorded --tables run (README, "Results on the demo world")
+    echo "expected time: about $([ $TABLES = 1 ] && echo 85 || echo 35) minutes on a 2-core CPU (rerunning resumes)"
   fi
   DATA_ROOT=$RUN/world
   SPLITS="same:$DATA_ROOT shifted:$DATA_ROOT/shifted"
