@@ -183,10 +183,13 @@ def summarize(results_dir, readme=None):
     if os.path.exists(fid):
         f = json.load(open(fid))
         g, c = f["identity_gain_psnr_foreground"], f["control_pose_shuffled"]
+        num = lambda v, spec: "n/a" if v is None else format(v, spec)  # controls need >= 2 jobs per identity / target
+        ci = g["ci95"] or [None, None]
         table += (f"\nGenerator fidelity, {f['images']:,} generated (VI) images against ground-truth renders of the same "
-                  f"jobs (`03_generate.py fidelity`): person PSNR {f['psnr_foreground']:.2f} dB, "
-                  f"{g['mean']:+.2f} dB (95% CI {g['ci95'][0]:+.2f} .. {g['ci95'][1]:+.2f}) over another identity in the "
-                  f"same pose; mask IoU {f['mask_iou']:.3f} against {c['mask_iou']:.3f} with the target pose shuffled.\n")
+                  f"jobs (`03_generate.py fidelity`): person PSNR {num(f['psnr_foreground'], '.2f')} dB, "
+                  f"{num(g['mean'], '+.2f')} dB (95% CI {num(ci[0], '+.2f')} .. {num(ci[1], '+.2f')}) over another identity "
+                  f"in the same pose; mask IoU {num(f['mask_iou'], '.3f')} against {num(c['mask_iou'], '.3f')} with the "
+                  f"target pose shuffled.\n")
     times = os.path.join(results_dir, "stage_times.csv")
     if os.path.exists(times):
         import csv

@@ -364,6 +364,11 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     assert "| (VI) both = Diff-ID | 55.0 | 65.0 |  |  | +5.0 |  | 1 |" in text
     assert "1,200 generated (VI) images" in text and "person PSNR 15.75 dB, +0.23 dB (95% CI +0.11 .. +0.35)" in text
     assert "mask IoU 0.348 against 0.268 with" in text
+    # too few jobs for the controls (the smoke run): the line says n/a instead of failing
+    common.save_json(str(res / "fidelity.json"), dict(images=2, psnr_foreground=None, mask_iou=0.5,
+                     identity_gain_psnr_foreground=dict(mean=None, ci95=None), control_pose_shuffled=dict(mask_iou=None)))
+    run("05_evaluate.py", "--summarize", res)
+    assert "person PSNR n/a dB, n/a dB (95% CI n/a .. n/a)" in (res / "summary.md").read_text()
     assert "| reid | 2 | 7 |" in text and "| all | 3 | 17 (0 min) |" in text
     # Table 2 rows follow Table 1's, by the number of generated images
     labels = [l.split(" | ")[0] for l in text.splitlines() if l.startswith("| (") or l.startswith("| Table 2")]
