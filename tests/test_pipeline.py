@@ -19,7 +19,9 @@ def test_run_all_demo_smoke(tmp_path):
         line = [l for l in summary.splitlines() if l.startswith(f"| {row} |")]
         assert len(line) == 1, (row, summary)
         cells = [c.strip() for c in line[0].split("|")[2:-2]]
-        assert len(cells) == 4 and all(0 <= float(c) <= 100 for c in cells), line  # same + shifted: mAP, R1
+        assert len(cells) == 6 and all(0 <= float(c) <= 100 for c in cells[:4]), line  # same + shifted: mAP, R1
+        # then the paired mAP gain over (I) on each split: empty for (I) itself
+        assert cells[4:] == ["", ""] if row == ROWS[0] else all(-100 <= float(c) <= 100 for c in cells[4:]), line
     # every generated image is listed once in its manifest and the oracle rendered the same jobs
     for v in ("ii", "iii", "iv", "vi"):
         rows = list(csv.DictReader(open(run / "augmented" / v / "manifest.csv")))
