@@ -393,7 +393,7 @@ def fidelity(argv):
     out = args.out or os.path.join(args.generated, "fidelity.json")
     common.save_json(out, res)
     if args.sheet:
-        sample_sheet(args, have, gen, ora)
+        sample_sheet(args, by_src, gen, ora)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     print(f"{len(have)} images vs oracle: PSNR {fmt(res['psnr'])} dB (person only {fmt(res['psnr_foreground'])}), "
           f"SSIM {fmt(res['ssim'])}, mask IoU {fmt(res['mask_iou'])}")
@@ -410,13 +410,11 @@ def fidelity(argv):
     return res
 
 
-def sample_sheet(args, rows, gen, ora, per_row=4):
+def sample_sheet(args, by_src, gen, ora, per_row=4):
     """The picture next to the numbers: references spread over the identities, each followed by
-    per_row of its jobs as (target skeleton | generated | oracle), all at the generated size."""
+    per_row of its jobs as (target skeleton | generated | oracle), all at the generated size.
+    by_src: {reference file name: [manifest rows]}, as fidelity() grouped them for its controls."""
     from PIL import Image
-    by_src = {}
-    for r in rows:
-        by_src.setdefault(r["source"], []).append(r)
     sources = sorted(by_src)
     pick = [sources[i] for i in np.linspace(0, len(sources) - 1, min(args.sheet_rows, len(sources))).astype(int)]
     h, w = next(iter(gen.values())).shape[:2]

@@ -174,7 +174,7 @@ def summarize(results_dir, readme=None):
             rs = [r for r in runs if r.get("variant", r["name"]) == v and r.get("split", "same") == s]
             n = max(n, len(rs))
             cells += [ms([r["mAP"] for r in rs]), ms([r["R1"] for r in rs])]
-            # paired by seed: the same seed draws the same PK batches of the real images in both runs
+            # paired by seed: a row's seed-s model against (I)'s seed-s model on the same split
             pairs = [(r, by.get(("base", s, r.get("seed")))) for r in rs] if v != "base" else []
             deltas.append(ms([r["mAP"] - b["mAP"] for r, b in pairs if b], "+"))
         lines.append(f"| {row_label(v)} | " + " | ".join(cells + deltas) + f" | {n} |")

@@ -264,8 +264,8 @@ class PKSampler:
 def build_reid_model(arch, num_classes, weights=None, bnneck=False):
     """torchvision trunk (ResNet50 in the paper; any torchvision classifier with an fc head,
     e.g. resnet18 or shufflenet_v2_x0_5 for CPU runs) -> global average pool -> feature (2048-d
-    for resnet50, the paper's triplet feature) -> linear classifier (cross-entropy). No BNNeck: the paper uses
-    the pooled feature for both losses. bnneck=True (Luo et al. 2019, "Bag of Tricks") puts a
+    for resnet50, the paper's triplet feature) -> linear classifier (cross-entropy). By default no
+    BNNeck: the paper uses the pooled feature for both losses. bnneck=True (Luo et al. 2019, "Bag of Tricks") puts a
     BatchNorm1d between the feature and a bias-free classifier: the triplet loss still sees the
     pooled feature, cross-entropy a normalised copy, so a trunk trained from scratch cannot satisfy
     both by shrinking every feature to one point. forward() returns (pooled feature, logits) either
