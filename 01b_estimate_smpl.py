@@ -1,5 +1,5 @@
 """
-Stage 01b: SMPL parameters + camera for real Re-ID photos (issue 7), written as the same per-image
+Stage 01b: SMPL parameters + camera for real Re-ID photos, written as the same per-image
 file the demo world writes (docs/formats.md), so '01_render_smpl.py conditions' and 'figures' run
 unchanged on real data. Docs: docs/estimate.md.
 
@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 import common
-from common import COCO17_TO_OPENPOSE18, OPENPOSE18_SMPL, SMPL_JOINTS
+from body import (COCO17_TO_OPENPOSE18, OPENPOSE18_SMPL, SMPL_JOINTS, load_body, body_forward, look_at,
+                  project, viewpoint, load_params)
 
 DEFAULT_VITPOSE = "usyd-community/vitpose-base-simple"
 # focal length / image height of the fit's camera: the demo world's median (4.43; = FILL * CAM_DISTANCE
@@ -128,7 +129,7 @@ def keypoint_body(model):
 
 
 def body_points(kb, betas, go, bp):
-    """(M,29,3): the 24 SMPL joints + 5 face points (indices as common.OPENPOSE18_SMPL)."""
+    """(M,29,3): the 24 SMPL joints + 5 face points (indices as OPENPOSE18_SMPL)."""
     import smplx
     v, j = smplx.lbs.lbs(betas, torch.cat([go, bp], 1), **kb)
     return torch.cat([j, v[:, 24:]], 1)
@@ -182,7 +183,7 @@ def fit_smpl(kb, kp, conf, focal=FOCAL, inits=8, keep=2, steps=(40, 120), elevat
     w = torch.as_tensor(conf, dtype=torch.float32, device=device).repeat_interleave(I, 0)
     w = w / w.sum(1, keepdim=True).clamp(min=1e-6)
     M = N * I
-    go0 = np.stack([rotvec(common.look_at(elevation0, a, np.zeros(3))[0]) for a in np.arange(I) * 360.0 / I])
+    go0 = np.stack([rotvec(look_at(elevation0, a, np.zeros(3))[0]) for a in np.arange(I) * 360.0 / I])
     go = torch.tensor(np.tile(go0, (N, 1)), dtype=torch.float32, device=device)
     bp = REST.to(device).repeat(M, 1)  # start from the prior's centre
     betas = torch.zeros(M, kb["shapedirs"].shape[-1], device=device)
@@ -256,7 +257,7 @@ def to_sidecar(kb, go, bp, betas, t_cam, K):
     J0 = pts[:, 0]
     t = t_cam + J0 - np.einsum("nij,nj->ni", Rg, J0)
     centre = 0.5 * (pts.min(1) + pts.max(1))  # like the world: the middle of the body's box
-    elev, azim = common.viewpoint(Rg, t, centre)
+    elev, azim = viewpoint(Rg, t, centre)
     return dict(global_orient=np.zeros_like(go), body_pose=bp, betas=betas, R=Rg, t=t, K=K,
                 elevation=elev, azimuth=azim)
 
@@ -313,7 +314,7 @@ def save_sidecar(path, p, skipped, model_name):
 def fit_setup(args):
     """What `fit` and `evaluate` both start with: threads, device, the body and its keypoint model."""
     torch.set_num_threads(args.threads)
-    body = common.load_body(args.smpl_model)
+    body = load_body(args.smpl_model)
     return ("cuda" if torch.cuda.is_available() else "cpu"), body, keypoint_body(body)
 
 
@@ -356,7 +357,7 @@ def as_axis_angle(a, joints, what):
 
 
 def run_import(args):
-    body = common.load_body(args.smpl_model)
+    body = load_body(args.smpl_model)
     kb = keypoint_body(body)
     if not os.path.exists(args.params):
         raise common.UserError(f"parameter file '{args.params}' not found")
@@ -412,13 +413,13 @@ def truth_keypoints(body, p):
     """The world's SMPL keypoints projected with its camera -> (N,17,3) COCO [x, y, 1 or 0]. A face
     point counts as unseen (score 0) when it is farther from the camera than the head joint: a
     detector does not see the nose from behind."""
-    _, J = common.body_forward(body, p["betas"], p["global_orient"], p["body_pose"])
+    _, J = body_forward(body, p["betas"], p["global_orient"], p["body_pose"])
     X = np.concatenate([J[:, :24], J[:, 24:29]], 1)[:, COCO_SMPL]
     kp = np.zeros((len(X), 17, 3))
     for i in range(len(X)):
-        uv, z = common.project(X[i], p["K"][i].astype(np.float64), p["R"][i].astype(np.float64),
+        uv, z = project(X[i], p["K"][i].astype(np.float64), p["R"][i].astype(np.float64),
                                p["t"][i].astype(np.float64))
-        _, zh = common.project(J[i, 15:16], p["K"][i], p["R"][i], p["t"][i])
+        _, zh = project(J[i, 15:16], p["K"][i], p["R"][i], p["t"][i])
         kp[i, :, :2] = uv
         kp[i, :, 2] = 1.0
         kp[i, :5, 2] = (z[:5] <= zh[0] + 0.02).astype(float)
@@ -436,7 +437,7 @@ def body_relative_view(kb, p):
         pts = body_points(kb, f(p["betas"]), torch.zeros(len(Rg), 3), f(p["body_pose"])).numpy().astype(np.float64)
     J0 = pts[:, 0]
     t = p["t"].astype(np.float64) + np.einsum("nij,nj->ni", Rw, J0) - np.einsum("nij,nj->ni", Rg, J0)
-    return common.viewpoint(Rg, t, 0.5 * (pts.min(1) + pts.max(1)))
+    return viewpoint(Rg, t, 0.5 * (pts.min(1) + pts.max(1)))
 
 
 def angle_diff(a, b):
@@ -464,7 +465,7 @@ def run_evaluate(args):
     device, body, kb = fit_setup(args)
     rows = []
     for split in args.splits:
-        p = common.load_params(os.path.join(args.world, split.replace("shifted/", "shifted/smpl/")
+        p = load_params(os.path.join(args.world, split.replace("shifted/", "shifted/smpl/")
                                             if split.startswith("shifted/") else os.path.join("smpl", split)) + ".npz")
         if args.max_images and len(p["names"]) > args.max_images:
             keep = np.random.default_rng(0).choice(len(p["names"]), args.max_images, replace=False)

@@ -1,5 +1,5 @@
 """
-Train the Diff-ID generator (paper 3.4 + 4.1, DESIGN.md 5): a reference U-Net and a denoising
+Stage 02: train the Diff-ID generator (paper 3.4 + 4.1): a reference U-Net and a denoising
 U-Net of identical config plus one pose guider per condition map (depth, normal, skeleton);
 the VAE and the CLIP image encoder stay frozen.
 
@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import body
 import common
+import models
 from common import UserError
 
 
@@ -136,11 +138,11 @@ def check_conditions(items, groups, skip_missing=False):
     """-> groups without the images that lack maps (only with skip_missing; else a clear error).
     Real photos whose SMPL fit was skipped (01b: too few confident keypoints) have no maps."""
     bad = [i for i, (_, c, s) in enumerate(items)
-           if not all(os.path.isfile(common.cond_path(c, s, k)) for k in common.COND_KINDS)]
+           if not all(os.path.isfile(body.cond_path(c, s, k)) for k in common.COND_KINDS)]
     if bad and not skip_missing:
         _, c, s = items[bad[0]]
         raise UserError(f"condition maps missing for {len(bad)} of {len(items)} images (e.g. "
-                        f"'{common.cond_path(c, s, 'depth')}'): make them with 'python 01_render_smpl.py "
+                        f"'{body.cond_path(c, s, 'depth')}'): make them with 'python 01_render_smpl.py "
                         f"conditions', or pass --skip-missing-conditions to train without those images")
     if bad:
         print(f"skipping {len(bad)} images without condition maps (e.g. '{items[bad[0]][0]}')")
@@ -181,8 +183,8 @@ class PairData(torch.utils.data.Dataset):
     def __getitem__(self, k):
         tgt, ref = self.pair(k)
         (tp, tc, ts), (rp, _, _) = self.items[tgt], self.items[ref]
-        return (common.load_image_tensor(tp, self.size), common.load_image_tensor(rp, self.size),
-                common.load_conditions(tc, ts, self.size))
+        return (models.load_image_tensor(tp, self.size), models.load_image_tensor(rp, self.size),
+                body.load_conditions(tc, ts, self.size))
 
 
 def batches(start_micro, batch_size, rank, world):
@@ -225,7 +227,7 @@ def train_vae(args, items, device):
                         latent_channels=4, norm_num_groups=min(32, ch[0]), sample_size=max(args.size)).to(device)
     rng = np.random.default_rng([args.seed, 3])
     pick = rng.permutation(len(items))[:2000]
-    imgs = torch.stack([common.load_image_tensor(items[i][0], args.size) for i in tqdm(pick, desc="loading VAE images", leave=False)])
+    imgs = torch.stack([models.load_image_tensor(items[i][0], args.size) for i in tqdm(pick, desc="loading VAE images", leave=False)])
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     bar = tqdm(range(args.vae_steps), desc="training VAE")
     for it in bar:
@@ -268,38 +270,38 @@ def build(args, items, device, is_main):
     from transformers import CLIPVisionModelWithProjection
     resume = os.path.isfile(os.path.join(args.out, "checkpoint.pt"))
     if resume or args.init:  # the architecture (and, for --init, the weights) of a folder 02 wrote
-        gen, vae, enc, schedule, prev = common.load_generator(args.out if resume else args.init)
+        gen, vae, enc, schedule, prev = models.load_generator(args.out if resume else args.init)
         sources = {k: prev.get(k) for k in ("pretrained", "image_encoder", "image_encoder_subfolder")}
         owned = not prev.get("pretrained")
         print(f"model from '{args.out if resume else args.init}' ({'resume' if resume else 'init'})")
         return gen, vae, enc, schedule, sources, owned
     if args.pretrained:
-        unet = common.from_pretrained(UNet2DConditionModel, args.pretrained, "unet", what="pretrained weights")
-        vae = common.from_pretrained(AutoencoderKL, args.pretrained, "vae", what="pretrained weights")
+        unet = models.from_pretrained(UNet2DConditionModel, args.pretrained, "unet", what="pretrained weights")
+        vae = models.from_pretrained(AutoencoderKL, args.pretrained, "vae", what="pretrained weights")
         sub = args.image_encoder_subfolder
         if sub is None and os.path.isdir(os.path.join(args.image_encoder, "image_encoder")):
             sub = "image_encoder"
-        enc = common.from_pretrained(CLIPVisionModelWithProjection, args.image_encoder, sub, what="image encoder")
+        enc = models.from_pretrained(CLIPVisionModelWithProjection, args.image_encoder, sub, what="image encoder")
         has_sched = os.path.isfile(os.path.join(args.pretrained, "scheduler", "scheduler_config.json"))
         schedule = (dict(DDPMScheduler.from_pretrained(args.pretrained, subfolder="scheduler").config) if has_sched
-                    else dict(common.SD15_SCHEDULE))
+                    else dict(models.SD15_SCHEDULE))
         sources = dict(pretrained=args.pretrained, image_encoder=args.image_encoder, image_encoder_subfolder=sub)
         owned = False
         print(f"weights: U-Net + VAE from '{args.pretrained}', image encoder from '{args.image_encoder}'")
     else:
         vae_dir = os.path.join(args.out, "vae")
         if os.path.isdir(vae_dir):  # trained by an earlier, interrupted run
-            vae = common.from_pretrained(AutoencoderKL, vae_dir, what="VAE")
+            vae = models.from_pretrained(AutoencoderKL, vae_dir, what="VAE")
             print(f"VAE from '{vae_dir}'")
         else:
             vae = train_vae(args, items, device)
             if is_main:
-                common.save_pretrained_atomic(vae, vae_dir)
+                models.save_pretrained_atomic(vae, vae_dir)
                 print(f"wrote {vae_dir}")
-        f = common.vae_factor(vae)
+        f = models.vae_factor(vae)
         unet = tiny_unet(args, (args.size[0] // f, args.size[1] // f), args.clip_dim)
         enc = tiny_clip(args)
-        schedule = dict(common.SD15_SCHEDULE)
+        schedule = dict(models.SD15_SCHEDULE)
         sources = dict(pretrained=None, image_encoder=None, image_encoder_subfolder=None)
         owned = True
     if enc.config.projection_dim != unet.config.cross_attention_dim:
@@ -307,7 +309,7 @@ def build(args, items, device, is_main):
                         f"{unet.config.cross_attention_dim}: pick a matching image encoder")
     ref = copy.deepcopy(unet)  # both U-Nets start from the same weights (paper 3.4)
     torch.manual_seed(args.seed + 5)
-    gen = common.Generator(ref, unet, common.build_guiders(unet.conv_in.out_channels, common.vae_factor(vae)))
+    gen = common.Generator(ref, unet, common.build_guiders(unet.conv_in.out_channels, models.vae_factor(vae)))
     return gen, vae.eval().requires_grad_(False), enc.eval().requires_grad_(False), schedule, sources, owned
 
 # -----------------------------------------------------------------------------
@@ -319,18 +321,18 @@ def sample_grid(gen, vae, enc, schedule, val, args, device, autocast):
     gen.eval()
     tgt, refs, conds = val
     with autocast():
-        ref_lat = common.encode_latents(vae, refs.to(device))
-        emb = common.clip_embed(enc, refs.to(device))
+        ref_lat = models.encode_latents(vae, refs.to(device))
+        emb = models.clip_embed(enc, refs.to(device))
         bank = gen.reference(ref_lat, emb)
         pose = gen.pose({k: v.to(device) for k, v in conds.items()})
         noise = torch.randn(ref_lat.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
         idx = torch.arange(len(refs), device=device)
         z = common.sample_latents(gen, DDIMScheduler.from_config(schedule), noise, emb, pose, bank, idx,
                                   steps=args.sample_steps, guidance=args.guidance)
-        out = common.decode_latents(vae, z)
+        out = models.decode_latents(vae, z)
     gen.train()
-    cells = [common.to_uint8(refs)] + [common.to_uint8(conds[k].expand(-1, 3, -1, -1) * 2 - 1) for k in common.COND_KINDS]
-    cells += [common.to_uint8(out), common.to_uint8(tgt)]
+    cells = [models.to_uint8(refs)] + [models.to_uint8(conds[k].expand(-1, 3, -1, -1) * 2 - 1) for k in common.COND_KINDS]
+    cells += [models.to_uint8(out), models.to_uint8(tgt)]
     rows = [np.concatenate([c[i] for c in cells], axis=1) for i in range(len(refs))]
     return np.concatenate(rows, axis=0)
 
@@ -367,7 +369,7 @@ def main():
     # ---- models
     os.makedirs(args.out, exist_ok=True)
     gen, vae, enc, schedule, sources, owned = build(args, items, device, is_main)
-    f = common.vae_factor(vae)
+    f = models.vae_factor(vae)
     if args.size[0] % (8 * f) or args.size[1] % (8 * f):
         raise UserError(f"--resolution {args.resolution}: width and height must be multiples of {8 * f}")
     latent_hw = (args.size[0] // f, args.size[1] // f)
@@ -412,11 +414,11 @@ def main():
         run_args.update(sources, resolution=[args.size[1], args.size[0]], vae_factor=f,
                         size_hw=list(args.size), conditions_kinds=list(common.COND_KINDS))
         common.save_json(os.path.join(args.out, "args.json"), run_args)
-        common.save_pretrained_atomic(DDPMScheduler.from_config(schedule), os.path.join(args.out, "scheduler"))
+        models.save_pretrained_atomic(DDPMScheduler.from_config(schedule), os.path.join(args.out, "scheduler"))
         if owned:  # parts built here (from scratch) travel with the generator folder
             for sub, m in (("vae", vae), ("image_encoder", enc)):
                 if not os.path.isdir(os.path.join(args.out, sub)):
-                    common.save_pretrained_atomic(m, os.path.join(args.out, sub))
+                    models.save_pretrained_atomic(m, os.path.join(args.out, sub))
     if start >= args.steps:
         print(f"nothing to do: already trained {start} steps (--steps {args.steps})")
         return
@@ -432,7 +434,7 @@ def main():
     it = iter(loader)
 
     def save(step):
-        common.save_generator(args.out, gen)
+        models.save_generator(args.out, gen)
         rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         ck = dict(model=gen.state_dict(), opt=opt.state_dict(), step=step, rng=rng, args=vars(args))
@@ -456,9 +458,9 @@ def main():
             # noise, timesteps and condition dropout from rng(seed, step, micro, rank): resumable exactly
             g = torch.Generator().manual_seed(((args.seed * 1_000_003 + step) * 256 + micro) * 4096 + rank)
             with autocast():
-                z = common.encode_latents(vae, tgt)
-                ref_lat = common.encode_latents(vae, ref)
-                ref_emb = common.clip_embed(enc, ref)
+                z = models.encode_latents(vae, tgt)
+                ref_lat = models.encode_latents(vae, ref)
+                ref_emb = models.clip_embed(enc, ref)
             z, ref_lat, ref_emb = z.float(), ref_lat.float(), ref_emb.float()
             B = z.shape[0]
             noise = torch.randn(z.shape, generator=g).to(device)

@@ -25,6 +25,7 @@ import torchvision.transforms as T
 from tqdm import tqdm
 
 import common
+import models
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -63,6 +64,91 @@ p.add_argument("--bnneck", action="store_true", help="BatchNorm1d between featur
 p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
+# -----------------------------------------------------------------------------
+# PK batches: P identities x K images each, what the batch-hard triplet loss needs
+
+class PKSampler:
+    """Batches of P distinct identities x K images, with torchreid's RandomIdentitySampler
+    semantics: per identity, shuffle its images (drawn with replacement up to K when it has
+    fewer), cut them into chunks of K, and draw P identities that still have chunks per batch.
+    One difference on purpose: identities not yet drawn this epoch are drawn first, so every
+    identity appears in every epoch (torchreid can drop the last few).
+    Batches are a pure function of (seed, epoch): resuming at iteration i just skips i batches.
+    With world_size > 1 (DDP), each batch's P identities are split across ranks, so every rank
+    sees whole identities (all K images), as the batch-hard triplet loss needs."""
+
+    def __init__(self, labels, P, K, seed=0, rank=0, world_size=1):
+        labels = np.asarray(labels)
+        self.by_pid = {int(p): np.flatnonzero(labels == p) for p in np.unique(labels)}
+        if len(self.by_pid) < P:
+            raise common.UserError(f"a PK batch needs P={P} identities but the train split has only {len(self.by_pid)}: lower --P")
+        if P % world_size:
+            raise common.UserError(f"P={P} identities per batch cannot be split evenly over {world_size} processes")
+        self.P, self.K, self.seed, self.rank, self.world_size = P, K, seed, rank, world_size
+
+    def epoch(self, e):
+        rng = np.random.default_rng([self.seed, e])
+        chunks = {}
+        for pid, idx in self.by_pid.items():
+            idx = rng.choice(idx, size=self.K, replace=True) if len(idx) < self.K else rng.permutation(idx)
+            chunks[pid] = [idx[i:i + self.K] for i in range(0, len(idx) - self.K + 1, self.K)]
+        unused, batches = set(chunks), []
+        while unused:
+            avail = sorted(p for p in chunks if chunks[p])
+            fresh = sorted(unused)
+            if len(avail) < self.P:  # last batch of the epoch: fill it with fresh chunks of drawn ids
+                others = sorted(set(self.by_pid) - unused)
+                pids = fresh + list(rng.choice(others, self.P - len(fresh), replace=False))
+                for p in pids:
+                    if not chunks[p]:
+                        chunks[p] = [rng.choice(self.by_pid[p], size=self.K, replace=len(self.by_pid[p]) < self.K)]
+            elif len(fresh) >= self.P:
+                pids = list(rng.choice(fresh, self.P, replace=False))
+            else:
+                rest = sorted(set(avail) - unused)
+                pids = fresh + list(rng.choice(rest, self.P - len(fresh), replace=False))
+            batches.append([int(i) for p in pids for i in chunks[p].pop(0)])
+            unused -= set(pids)
+        while True:  # then torchreid's rule until fewer than P identities have chunks left
+            avail = sorted(p for p in chunks if chunks[p])
+            if len(avail) < self.P:
+                break
+            pids = rng.choice(avail, self.P, replace=False)
+            batches.append([int(i) for p in pids for i in chunks[p].pop(0)])
+        per_rank = self.P // self.world_size * self.K
+        return [b[self.rank * per_rank:(self.rank + 1) * per_rank] for b in batches]
+
+    def iterate(self, start=0):
+        """Endless stream of batches over epochs, starting at global batch number `start`."""
+        e = 0
+        while True:
+            batches = self.epoch(e)
+            if start < len(batches):
+                yield from batches[start:]
+                start = 0
+            else:
+                start -= len(batches)
+            e += 1
+
+
+
+def cap_augmented(batch, labels, is_aug, K, share, real_by_label):
+    """Limit generated images to floor(share * K) of each identity's K slots and refill the
+    freed slots with that identity's real images: with tens of generated images per identity
+    they would otherwise fill almost every batch."""
+    rng = np.random.default_rng(batch)  # a function of the batch: resuming replays it exactly
+    cap, out = int(share * K), []
+    for i in range(0, len(batch), K):
+        group = batch[i:i + K]
+        aug = [j for j in group if is_aug[j]]
+        if len(aug) > cap:
+            real = real_by_label[labels[group[0]]]
+            fill = rng.choice(real, len(aug) - cap, replace=len(aug) - cap > len(real))
+            group = [j for j in group if not is_aug[j]] + aug[:cap] + list(fill)
+        out += [int(j) for j in group]
+    return out
+
+
 def main():
     args = p.parse_args()
     # DDP under torchrun: one process per GPU; identities of each PK batch split over ranks
@@ -90,20 +176,20 @@ def main():
     if master:
         print(f"read {args.data_root}: {len(train)} train images ({is_aug.sum()} generated) of "
               f"{data['num_classes']} identities" + (f"; skipped {n_bad} unreadable" if n_bad else ""))
-    sampler = common.PKSampler(labels, args.P, args.K, seed=args.seed, rank=rank, world_size=world)
+    sampler = PKSampler(labels, args.P, args.K, seed=args.seed, rank=rank, world_size=world)
     transform = T.Compose([
         T.Resize((args.height, args.width)),
         T.RandomHorizontalFlip(),
         T.Pad(10),
         T.RandomCrop((args.height, args.width)),
         T.ToTensor(),
-        T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD),
+        T.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD),
     ])
-    dataset = common.ImageDataset(train, transform)
+    dataset = models.ImageDataset(train, transform)
 
     # -------------------------------------------------------------------------
     # model, optimizer, resume
-    model = common.build_reid_model(args.arch, data["num_classes"], args.backbone_weights, args.bnneck).to(device)
+    model = models.build_reid_model(args.arch, data["num_classes"], args.backbone_weights, args.bnneck).to(device)
     optimizer = torch.optim.Adam([
         dict(params=model.backbone.parameters(), lr=args.lr),
         dict(params=[q for q in [*model.neck.parameters(), *model.classifier.parameters()] if q.requires_grad],
@@ -199,23 +285,6 @@ def main():
         print(f"wrote {out} ({it} iterations, {time.time() - t0:.0f} s), {log_path}, {ckpt_path}")
     if world > 1:
         torch.distributed.destroy_process_group()
-
-
-def cap_augmented(batch, labels, is_aug, K, share, real_by_label):
-    """Limit generated images to floor(share * K) of each identity's K slots and refill the
-    freed slots with that identity's real images: with tens of generated images per identity
-    they would otherwise fill almost every batch (DESIGN.md 4)."""
-    rng = np.random.default_rng(batch)  # a function of the batch: resuming replays it exactly
-    cap, out = int(share * K), []
-    for i in range(0, len(batch), K):
-        group = batch[i:i + K]
-        aug = [j for j in group if is_aug[j]]
-        if len(aug) > cap:
-            real = real_by_label[labels[group[0]]]
-            fill = rng.choice(real, len(aug) - cap, replace=len(aug) - cap > len(real))
-            group = [j for j in group if not is_aug[j]] + aug[:cap] + list(fill)
-        out += [int(j) for j in group]
-    return out
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ if [ "$DATASET" != demo ]; then
   missing=0
   need() { if [ -z "$2" ] || [ ! -e "$2" ]; then echo "error: $1 '${2:-<not given>}' not found: $3" >&2; missing=1; fi; }
   need "data set (--data-root)" "$DATA_ROOT" "download $DATASET (research use only) and pass the folder holding bounding_box_train/"
-  need "SMPL params (--smpl)" "$SMPL_DIR" "estimate them for the training images (issue: SMPL for real photos) or pass a folder of smpl/<split>.npz files"
+  need "SMPL params (--smpl)" "$SMPL_DIR" "estimate them for the training images with 01b_estimate_smpl.py (keypoints, then fit) and pass its --out folder of smpl/<split>.npz files"
   for v in PRETRAINED IMAGE_ENCODER; do
     if [ -z "${!v}" ]; then echo "error: --$(echo $v | tr A-Z_ a-z-) not given: a diffusers folder or hub id (SD-1.5: runwayml/stable-diffusion-v1-5; image encoder: lambdalabs/sd-image-variations-diffusers)" >&2; missing=1; fi
   done
@@ -110,7 +110,7 @@ if [ "$DATASET" = demo ]; then
   DATA_ROOT=$RUN/world
   SPLITS="same:$DATA_ROOT shifted:$DATA_ROOT/shifted"
   NOCHECK=--no-size-check
-  stage world 01_render_smpl.py world --out "$DATA_ROOT" "${WORLD[@]}"
+  stage world demo/world.py --out "$DATA_ROOT" "${WORLD[@]}"
   stage conditions 01_render_smpl.py conditions --data "$DATA_ROOT" --out "$RUN/conditions"
 else
   # the paper's settings: 192x384 generator, 20 target poses x 4 viewpoints (65-70 per reference),
@@ -145,12 +145,12 @@ for v in $VARIANTS; do
 done
 if [ "$DATASET" = demo ]; then
   # ORACLE row: the same jobs as (VI), rendered as ground truth; and the generator's fidelity
-  stage oracle 01_render_smpl.py oracle --manifest "$RUN/augmented/vi/manifest.csv" --targets "$RUN/targets/vi" \
+  stage oracle demo/oracle.py --manifest "$RUN/augmented/vi/manifest.csv" --targets "$RUN/targets/vi" \
     --world "$DATA_ROOT" --out "$RUN/augmented/oracle"
-  DONE_IF=$RUN/results/fidelity.json:$RUN/augmented/oracle/manifest.csv stage fidelity 03_generate.py fidelity --generated "$RUN/augmented/vi" --oracle "$RUN/augmented/oracle" \
+  DONE_IF=$RUN/results/fidelity.json:$RUN/augmented/oracle/manifest.csv stage fidelity demo/fidelity.py --generated "$RUN/augmented/vi" --oracle "$RUN/augmented/oracle" \
     --out "$RUN/results/fidelity.json" --sheet "$RUN/results/figures/generated_vs_oracle.png" \
     --data "$DATA_ROOT" --targets "$RUN/targets/vi"
-  DONE_IF=$RUN/results/figures/fig3_tsne_poses.png:$DATA_ROOT/identities.json stage figures 01_render_smpl.py figures --data "$DATA_ROOT" --targets "$RUN/targets/vi" --out "$RUN/results/figures" "${FIGURES[@]}"
+  DONE_IF=$RUN/results/figures/fig3_tsne_poses.png:$DATA_ROOT/identities.json stage figures tools/figures.py --data "$DATA_ROOT" --targets "$RUN/targets/vi" --out "$RUN/results/figures" "${FIGURES[@]}"
   VARIANTS="$VARIANTS oracle"
 fi
 
@@ -173,9 +173,9 @@ for v in $ROWS; do
 done
 if [ "$DATASET" = demo ] && [ $SMOKE = 0 ] && [ $TABLES = 1 ]; then
   # the README shows the last full demo run: its table, and the figures it references
-  python 05_evaluate.py --summarize "$RUN/results" --readme README.md
+  python tools/summarize.py "$RUN/results" --readme README.md
   mkdir -p docs/demo && cp "$RUN"/results/figures/*.png docs/demo/ && echo "copied the figures to docs/demo/"
 else
-  python 05_evaluate.py --summarize "$RUN/results"
+  python tools/summarize.py "$RUN/results"
 fi
 echo "done: $RUN/results/summary.md (stage times in $TIMES)"

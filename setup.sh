@@ -5,7 +5,7 @@
 set -e
 _here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-# Headless OpenGL for pyrender (DESIGN.md 3): Debian's OSMesa.
+# Headless OpenGL for pyrender: Debian's OSMesa.
 if ! ldconfig -p 2>/dev/null | grep -q libOSMesa; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing libosmesa6 (headless OpenGL) with apt-get"

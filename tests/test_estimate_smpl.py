@@ -1,5 +1,5 @@
 """
-Stage 01b acceptance tests (issue 7): the COCO -> SMPL joint map against the project's skeleton,
+Stage 01b acceptance tests: the COCO -> SMPL joint map against the project's skeleton,
 ViTPose through transformers with a tiny random checkpoint saved and loaded like a real one, the
 SMPLify-style fit against the demo world's truth (viewpoint + reprojection), external parameters,
 the sidecar working with '01 conditions --smpl', and one-line errors. CPU, offline.
@@ -15,10 +15,12 @@ import torch
 from stages import ROOT, load_stage  # noqa: E402  (puts the repository root on sys.path)
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 import common  # noqa: E402
+import body  # noqa: E402
 
 e01 = load_stage("01b_estimate_smpl.py")
 SCRIPT = os.path.join(ROOT, "01b_estimate_smpl.py")
 RENDER = os.path.join(ROOT, "01_render_smpl.py")
+WORLD = os.path.join(ROOT, "demo", "world.py")
 
 
 def run(script, *args):
@@ -27,16 +29,16 @@ def run(script, *args):
 
 
 @pytest.fixture(scope="module")
-def body():
+def smpl():
     torch.set_num_threads(2)
-    b = common.load_body()
+    b = body.load_body()
     return b, e01.keypoint_body(b)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    r = run(RENDER, "world", "--out", out, "--small", "--workers", "1")
+    r = run(WORLD, "--out", out, "--small", "--workers", "1")
     assert r.returncode == 0, r.stderr
     return str(out)
 
@@ -51,23 +53,23 @@ def fit_args(**kw):
 # ----------------------------------------------------------------------------- joints
 
 
-def test_coco_order_maps_to_the_projects_skeleton(body):
-    model, kb = body
-    names = common.SMPL_JOINTS + common.SMPL_EXTRA
-    for i, n in enumerate(common.COCO17):  # by name, through OpenPose-18 and the SMPL joint table
-        assert common.OPENPOSE18[common.COCO17_TO_OPENPOSE18[i]] == n
+def test_coco_order_maps_to_the_projects_skeleton(smpl):
+    model, kb = smpl
+    names = body.SMPL_JOINTS + body.SMPL_EXTRA
+    for i, n in enumerate(body.COCO17):  # by name, through OpenPose-18 and the SMPL joint table
+        assert body.OPENPOSE18[body.COCO17_TO_OPENPOSE18[i]] == n
         assert names[e01.COCO_SMPL[i]] == n
     # the reduced keypoint body gives exactly the full model's joints and face points ...
     rng = np.random.default_rng(0)
     go, bp = rng.normal(0, 0.3, (3, 3)), rng.normal(0, 0.3, (3, 69))
     betas = rng.normal(0, 1, (3, 10))
-    _, J = common.body_forward(model, betas, go, bp)
+    _, J = body.body_forward(model, betas, go, bp)
     f = lambda a: torch.as_tensor(a, dtype=torch.float32)
     pts = e01.body_points(kb, f(betas), f(go), f(bp)).numpy()
     assert np.abs(pts - J[:, :29]).max() < 1e-5
     # ... and the COCO points are the OpenPose-18 points that 01 draws the skeleton maps from
-    op = common.openpose18(J)
-    assert np.abs(op[:, list(common.COCO17_TO_OPENPOSE18)] - pts[:, e01.COCO_SMPL]).max() < 1e-5
+    op = body.openpose18(J)
+    assert np.abs(op[:, list(body.COCO17_TO_OPENPOSE18)] - pts[:, e01.COCO_SMPL]).max() < 1e-5
     # the face points sit where a face is: nose in front of the head (+z), left eye/ear on +x
     rest = e01.body_points(kb, f(np.zeros((1, 10))), f(np.zeros((1, 3))), f(np.zeros((1, 69)))).numpy()[0]
     nose, leye, reye, lear, rear = (rest[names.index(n)] for n in ("nose", "l_eye", "r_eye", "l_ear", "r_ear"))
@@ -78,8 +80,8 @@ def test_viewpoint_inverts_look_at():
     rng = np.random.default_rng(0)
     for _ in range(20):
         el, az, c = rng.uniform(-40, 60), rng.uniform(0, 360), rng.normal(0, 0.5, 3)
-        R, t = common.look_at(el, az, c)
-        e2, a2 = common.viewpoint(R[None], t[None], c[None])
+        R, t = body.look_at(el, az, c)
+        e2, a2 = body.viewpoint(R[None], t[None], c[None])
         assert abs(e2[0] - el) < 1e-6 and e01.angle_diff(a2[0], az) < 1e-6
 
 # ----------------------------------------------------------------------------- ViTPose
@@ -133,16 +135,16 @@ def test_vitpose_bad_model_one_line(tmp_path, world):
 
 
 def world_params(world, *splits):
-    ps = [common.load_params(os.path.join(world, s.replace("shifted/", "shifted/smpl/") if s.startswith("shifted/")
+    ps = [body.load_params(os.path.join(world, s.replace("shifted/", "shifted/smpl/") if s.startswith("shifted/")
                                           else os.path.join("smpl", s)) + ".npz") for s in splits]
-    return {k: np.concatenate([p[k] for p in ps]) for k in common.PARAM_KEYS + ("names",)}
+    return {k: np.concatenate([p[k] for p in ps]) for k in body.PARAM_KEYS + ("names",)}
 
 
 @pytest.mark.parametrize("noise, max_az, max_el", [(0.0, 25.0, 10.0), (2.0, 30.0, 12.0)])
-def test_fit_recovers_viewpoint_of_the_world(body, world, noise, max_az, max_el):
-    """Goal (issue 7): median azimuth error <= 20 deg, elevation <= 8 deg; the bounds here leave room
+def test_fit_recovers_viewpoint_of_the_world(smpl, world, noise, max_az, max_el):
+    """Goal: median azimuth error <= 20 deg, elevation <= 8 deg; the bounds here leave room
     for the small world's sampling spread and fail on a clear regression."""
-    model, kb = body
+    model, kb = smpl
     p = world_params(world, "bounding_box_train", "shifted/query", "shifted/bounding_box_test")
     r = e01.evaluate_split(model, kb, p, noise, fit_args(), "cpu", np.random.default_rng(0))
     print(r)
@@ -152,9 +154,9 @@ def test_fit_recovers_viewpoint_of_the_world(body, world, noise, max_az, max_el)
     assert r["azim_within_45"] >= 0.8  # front/back is not mixed up
 
 
-def test_fit_cli_sidecar_skips_and_conditions(body, world, tmp_path):
-    model, kb = body
-    p = common.load_params(os.path.join(world, "smpl", "bounding_box_train.npz"))
+def test_fit_cli_sidecar_skips_and_conditions(smpl, world, tmp_path):
+    model, kb = smpl
+    p = body.load_params(os.path.join(world, "smpl", "bounding_box_train.npz"))
     kp = e01.truth_keypoints(model, p)
     kp[3, :, 2] = 0.0          # no confident keypoint: marked and skipped
     kp[5, 6:, 2] = 0.1         # only 6 left above the score threshold: still fitted
@@ -163,7 +165,7 @@ def test_fit_cli_sidecar_skips_and_conditions(body, world, tmp_path):
     r = run(SCRIPT, "fit", "--out", tmp_path / "smpl", "--batch", 16, "--steps", 80)
     assert r.returncode == 0, r.stderr
     assert "1 skipped" in r.stdout and "images/s" in r.stdout
-    s = common.load_params(tmp_path / "smpl" / "bounding_box_train.npz")
+    s = body.load_params(tmp_path / "smpl" / "bounding_box_train.npz")
     assert list(s["skipped"]) == [p["names"][3]] and len(s["names"]) == len(p["names"]) - 1
     assert s["K"].shape == (len(s["names"]), 3, 3) and (s["image_size"] == p["image_size"][0]).all()
     assert np.allclose(s["global_orient"], 0) and np.allclose(np.linalg.det(s["R"]), 1, atol=1e-4)
@@ -192,12 +194,12 @@ def test_all_keypoints_unconfident_is_one_line(world, tmp_path):
 # ----------------------------------------------------------------------------- external parameters
 
 
-def test_import_4d_humans_style_and_KRt(body, world, tmp_path):
+def test_import_4d_humans_style_and_KRt(smpl, world, tmp_path):
     """The world's truth written as 4D-Humans would (rotation matrices in the camera frame, cam_t,
     focal_length) comes back as the same bodies, cameras and viewpoints."""
     from scipy.spatial.transform import Rotation
-    model, kb = body
-    p = common.load_params(os.path.join(world, "shifted", "smpl", "bounding_box_test.npz"))
+    model, kb = smpl
+    p = body.load_params(os.path.join(world, "shifted", "smpl", "bounding_box_test.npz"))
     n = len(p["names"])
     Rw, tw = p["R"].astype(np.float64), p["t"].astype(np.float64)
     Rg = np.einsum("nij,njk->nik", Rw, Rotation.from_rotvec(p["global_orient"].astype(np.float64)).as_matrix())
@@ -216,7 +218,7 @@ def test_import_4d_humans_style_and_KRt(body, world, tmp_path):
     for src in ("hmr", "krt"):
         r = run(SCRIPT, "import", "--params", tmp_path / f"{src}.npz", "--split", "x", "--out", tmp_path / src)
         assert r.returncode == 0, r.stderr
-        s = common.load_params(tmp_path / src / "x.npz")
+        s = body.load_params(tmp_path / src / "x.npz")
         assert list(s["names"]) == list(p["names"])
         assert np.abs(s["elevation"] - el).max() < 0.05 and e01.angle_diff(s["azimuth"], az).max() < 0.05
         assert e01.reprojection_px(kb, s, kp, np.ones((n, 17))).max() < 0.05

@@ -1,4 +1,4 @@
-"""Generator tests (issue 5): reference attention, pose guiders, null condition, 02 training with
+"""Generator tests: reference attention, pose guiders, null condition, 02 training with
 resume, 03 generation with the reference cache, sharding, rerun after a kill, bad inputs.
 Tiny models built from configs, tiny data made here; offline (HF_HUB_OFFLINE=1), CPU only."""
 import os
@@ -15,6 +15,9 @@ import torch
 
 from stages import ROOT, load_stage  # noqa: E402  (puts the repository root on sys.path)
 import common  # noqa: E402
+import body  # noqa: E402
+import models  # noqa: E402
+from demo import fidelity  # noqa: E402
 
 torch.set_num_threads(1)
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="",
@@ -61,7 +64,7 @@ def make_world(root, n_pids=3, per_pid=3):
             img, maps, _ = person(cam, pid, pose=pid + 3 * k)
             common.save_image(os.path.join(data, "bounding_box_train", stem + ".png"), img)
             for kind, m in maps.items():
-                common.save_image(common.cond_path(os.path.join(cond, "bounding_box_train"), stem, kind), m)
+                common.save_image(body.cond_path(os.path.join(cond, "bounding_box_train"), stem, kind), m)
     return data, cond
 
 
@@ -72,7 +75,7 @@ def make_targets(root, n=5, name="t"):
         tid = f"t{i:03d}"
         _, maps, _ = person(0, 1, pose=2 * i + 1)
         for kind, m in maps.items():
-            common.save_image(common.cond_path(os.path.join(d, "maps"), tid, kind), m)
+            common.save_image(body.cond_path(os.path.join(d, "maps"), tid, kind), m)
         rows.append(f"{tid},{i},test,{10 + i},{36 * i}")
     common.save_text(os.path.join(d, "targets.csv"), "target_id,pose_id,pose_source,elevation,azimuth\n" + "\n".join(rows) + "\n")
     return d
@@ -102,7 +105,7 @@ def make_sd_folder(root):
     tiny_unet().save_pretrained(os.path.join(sd, "unet"))
     AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                   layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32).save_pretrained(os.path.join(sd, "vae"))
-    DDPMScheduler.from_config(common.SD15_SCHEDULE).save_pretrained(os.path.join(sd, "scheduler"))
+    DDPMScheduler.from_config(models.SD15_SCHEDULE).save_pretrained(os.path.join(sd, "scheduler"))
     CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                    image_size=16, patch_size=8, projection_dim=16)).save_pretrained(os.path.join(enc, "image_encoder"))
     return sd, enc
@@ -115,7 +118,7 @@ def batch(B=2, seed=0):
             conds, torch.randn(B, 4, H // 2, W // 2, generator=g))
 
 # -----------------------------------------------------------------------------
-# reference attention, pose guiders, null condition (common.py section 6)
+# reference attention, pose guiders, null condition (common.py sections 1-2)
 
 def test_reference_attention_changes_output_and_off_restores_plain_unet():
     gen = tiny_generator()
@@ -204,7 +207,7 @@ def test_training_null_condition_equals_sampling_unconditional_branch():
     gen.denoise = lambda *a, **k: seen.append((a, denoise(*a, **k))) or seen[-1][1]
     with torch.no_grad():
         bank = gen.reference(ref, emb)
-        common.sample_latents(gen, DDIMScheduler.from_config(common.SD15_SCHEDULE), x, emb, gen.pose(conds), bank,
+        common.sample_latents(gen, DDIMScheduler.from_config(models.SD15_SCHEDULE), x, emb, gen.pose(conds), bank,
                               torch.arange(2), steps=1, guidance=3.5)
         (xin, tt, *_), out = seen[0]
         eps_uncond = out[:2]
@@ -236,15 +239,15 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     for g in gen.guiders.values():
         torch.nn.init.normal_(g.out.weight, std=0.1)
     d = str(tmp_path / "gen")
-    common.save_generator(d, gen)
-    common.save_generator(d, gen)  # saving over an existing export swaps folders cleanly
+    models.save_generator(d, gen)
+    models.save_generator(d, gen)  # saving over an existing export swaps folders cleanly
     AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                   norm_num_groups=4, layers_per_block=1).save_pretrained(os.path.join(d, "vae"))
     CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                    image_size=16, patch_size=8, projection_dim=16)).save_pretrained(os.path.join(d, "image_encoder"))
-    DDPMScheduler.from_config(common.SD15_SCHEDULE).save_pretrained(os.path.join(d, "scheduler"))
+    DDPMScheduler.from_config(models.SD15_SCHEDULE).save_pretrained(os.path.join(d, "scheduler"))
     common.save_json(os.path.join(d, "args.json"), dict(pretrained=None, size_hw=[H, W]))
-    gen2, vae, enc, schedule, _ = common.load_generator(d)
+    gen2, vae, enc, schedule, _ = models.load_generator(d)
     a, b = gen.state_dict(), gen2.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     x, t, emb, conds, ref = batch()
@@ -309,7 +312,7 @@ def test_02_offline_pretrained_path_and_resume_after_kill(trained):
     for sub in ("reference_unet", "denoising_unet", "scheduler"):
         assert os.path.isdir(os.path.join(trained["a"], sub))
     assert not os.path.isdir(os.path.join(trained["a"], "vae"))  # the pretrained VAE stays where it is
-    gen, *_ = common.load_generator(trained["a"])
+    gen, *_ = models.load_generator(trained["a"])
     assert all(torch.equal(gen.state_dict()[k], ca["model"][k]) for k in ca["model"])  # export == checkpoint
 
 
@@ -328,7 +331,7 @@ def listing(out):
 def test_03_reference_unet_runs_once_per_reference(world, trained, monkeypatch, tmp_path):
     s03 = load_stage("03_generate.py")
     calls = []
-    load = common.load_generator
+    load = models.load_generator
     def counting(folder):
         res = load(folder)
         res[0].reference_unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
@@ -395,7 +398,6 @@ def test_03_kill_rerun_and_shards_match_a_straight_run(world, trained, tmp_path)
 
 
 def test_fidelity_metrics_and_controls(world, tmp_path):
-    s03 = load_stage("03_generate.py")
     gdir, odir = tmp_path / "gen", tmp_path / "oracle"
     rows = ["file,source,pid,target_id,pose_id,elevation,azimuth,seed"]
     for pid in (1, 2):
@@ -407,7 +409,7 @@ def test_fidelity_metrics_and_controls(world, tmp_path):
             common.save_image(str(gdir / f), img)
             rows.append(f"{f},src{pid}.jpg,{pid},t{ti},{ti},10,0,0")
     common.save_text(str(gdir / "manifest.csv"), "\n".join(rows) + "\n")
-    res = s03.fidelity(["--generated", str(gdir), "--oracle", str(odir)])
+    res = fidelity.fidelity(["--generated", str(gdir), "--oracle", str(odir)])
     assert res["images"] == 6 and res["oracle_masks"] == "files"
     assert res["ssim"] > 0.95 and res["mask_iou"] > 0.8
     assert res["control_pose_shuffled"]["mask_iou"] < res["mask_iou"]
@@ -420,9 +422,9 @@ def test_fidelity_metrics_and_controls(world, tmp_path):
     for pid in (1, 2):
         common.save_image(str(data / "bounding_box_train" / f"src{pid}.jpg"), person(1, pid, pose=0)[0])
     for ti in range(3):
-        common.save_image(common.cond_path(str(targets / "maps"), f"t{ti}", "skeleton"), np.full((H, W, 3), 40 * ti, np.uint8))
+        common.save_image(body.cond_path(str(targets / "maps"), f"t{ti}", "skeleton"), np.full((H, W, 3), 40 * ti, np.uint8))
     sheet = str(tmp_path / "sheet.png")
-    s03.fidelity(["--generated", str(gdir), "--oracle", str(odir), "--sheet", sheet, "--data", str(data), "--targets", str(targets)])
+    fidelity.fidelity(["--generated", str(gdir), "--oracle", str(odir), "--sheet", sheet, "--data", str(data), "--targets", str(targets)])
     S = np.asarray(Image.open(sheet))
     assert S.shape == (2 * H, 13 * W, 3)
     cell = lambda r, c: S[r * H:(r + 1) * H, c * W:(c + 1) * W]
@@ -433,7 +435,7 @@ def test_fidelity_metrics_and_controls(world, tmp_path):
     assert np.array_equal(cell(0, 9), load(odir / "bounding_box_train/0001_c9s1_000002_00.jpg"))
     assert not cell(0, 12).any()
     a = np.random.default_rng(0).random((32, 16, 3))
-    assert s03.ssim(a, a) == pytest.approx(1.0) and s03.ssim(a, 1 - a) < 0.1
+    assert fidelity.ssim(a, a) == pytest.approx(1.0) and fidelity.ssim(a, 1 - a) < 0.1
 
 # -----------------------------------------------------------------------------
 # bad input: one clear line, exit status 2
@@ -476,7 +478,8 @@ def test_bad_inputs_give_one_line(world, trained, tmp_path, capsys, monkeypatch)
     assert "empty" in one_line_error(capsys, s03, g, monkeypatch)
     g = gen_args(world, str(tmp_path / "nogen"), str(tmp_path / "aug"))
     assert "not a generator folder" in one_line_error(capsys, s03, g, monkeypatch)
-    assert "manifest" in one_line_error(capsys, s03, ["fidelity", "--generated", str(tmp_path), "--oracle", str(tmp_path)], monkeypatch)
+    assert "manifest" in one_line_error(capsys, None, ["--generated", str(tmp_path), "--oracle", str(tmp_path)], monkeypatch,
+                                        main=fidelity.fidelity)
 
 
 def test_02_stage1_video_pairs_then_stage2_init(world, tmp_path, monkeypatch, capsys):
@@ -487,7 +490,7 @@ def test_02_stage1_video_pairs_then_stage2_init(world, tmp_path, monkeypatch, ca
             img, maps, _ = person(3, 1 + (vid == "vidB"), pose=k)
             common.save_image(str(frames / vid / f"{k:05d}.png"), img)
             for kind, m in maps.items():
-                common.save_image(common.cond_path(str(fcond / vid), f"{k:05d}", kind), m)
+                common.save_image(body.cond_path(str(fcond / vid), f"{k:05d}", kind), m)
     items, groups = s02.list_pairs_stage1(str(frames), str(fcond))
     data = s02.PairData(items, groups, (H, W), 0, 1, 3)
     for k in range(30):  # two frames of one video, at least --min-frame-gap apart
@@ -505,7 +508,7 @@ def test_02_stage1_video_pairs_then_stage2_init(world, tmp_path, monkeypatch, ca
     s02.main()
     out = capsys.readouterr().out
     assert "(init)" in out and os.path.isfile(tmp_path / "stage2" / "checkpoint.pt")
-    gen, *_ = common.load_generator(str(tmp_path / "stage2"))  # VAE/encoder sources carried over from stage 1
+    gen, *_ = models.load_generator(str(tmp_path / "stage2"))  # VAE/encoder sources carried over from stage 1
 
 
 def test_skip_missing_conditions_drops_images_and_small_groups(tmp_path):
@@ -514,7 +517,7 @@ def test_skip_missing_conditions_drops_images_and_small_groups(tmp_path):
     items = [(f"img{i}.jpg", cond, f"s{i}") for i in range(5)]
     for i in (0, 1, 2, 4):  # s3 has no maps
         for k in common.COND_KINDS:
-            common.save_image(common.cond_path(cond, f"s{i}", k), np.zeros((8, 4), np.uint8))
+            common.save_image(body.cond_path(cond, f"s{i}", k), np.zeros((8, 4), np.uint8))
     groups = [[0, 1], [2, 3], [3, 4, 0]]
     with pytest.raises(common.UserError, match="1 of 5 images.*s3.depth.png.*--skip-missing-conditions"):
         s02.check_conditions(items, groups)

@@ -13,50 +13,55 @@ import pytest
 from stages import ROOT, load_stage  # noqa: E402  (puts the repository root on sys.path)
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 import common  # noqa: E402
+import body  # noqa: E402
+
+from demo.world import World  # noqa: E402
 
 r01 = load_stage("01_render_smpl.py")
 SCRIPT = os.path.join(ROOT, "01_render_smpl.py")
+WORLD, ORACLE, FIGURES = (os.path.join(ROOT, *p) for p in (("demo", "world.py"), ("demo", "oracle.py"),
+                                                            ("tools", "figures.py")))
 SIZE = (256, 128)  # (height, width)
 
 
-def run(*args, env=None):
+def run(*args, env=None, script=SCRIPT):
     e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=e, cwd=ROOT)
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=e, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
-def body():
+def smpl():
     import torch
     torch.set_num_threads(1)
-    return r01.load_body()
+    return body.load_body()
 
 
 @pytest.fixture(scope="module")
-def renderer(body):
-    ren = r01.Renderer(body.body_faces)
+def renderer(smpl):
+    ren = body.Renderer(smpl.body_faces)
     yield ren
     ren.delete()
 
 
 def walking(n=1, seed=0):
     rng = np.random.default_rng(seed)
-    go, bp, _ = r01.procedural_poses(rng, n, "id")
+    go, bp, _ = body.procedural_poses(rng, n, "id")
     return go, bp
 
 
-def render(body, renderer, go, bp, elev, azim, size=SIZE, betas=None):
+def render(smpl, renderer, go, bp, elev, azim, size=SIZE, betas=None):
     betas = np.zeros((1, 10)) if betas is None else betas
-    v, j = r01.body_forward(body, betas, go[None], bp[None])
-    K, R, t = r01.fit_camera(v[0], elev, azim, size)
-    maps, mask = r01.condition_maps(renderer, v[0], j[0], K, R, t, size)
+    v, j = body.body_forward(smpl, betas, go[None], bp[None])
+    K, R, t = body.fit_camera(v[0], elev, azim, size)
+    maps, mask = body.condition_maps(renderer, v[0], j[0], K, R, t, size)
     return maps, mask, v[0], j[0], (K, R, t)
 
 
 # ----------------------------------------------------------------------------- body
 
-def test_open_body_tpose_arms_along_x_legs_straight(body):
-    v, j = r01.body_forward(body, np.zeros((1, 10)), np.zeros((1, 3)), np.zeros((1, 69)))
-    J = {n: j[0, i] for i, n in enumerate(r01.JOINTS)}
+def test_open_body_tpose_arms_along_x_legs_straight(smpl):
+    v, j = body.body_forward(smpl, np.zeros((1, 10)), np.zeros((1, 3)), np.zeros((1, 69)))
+    J = {n: j[0, i] for i, n in enumerate(body.JOINTS)}
     for s, sign in (("l", 1), ("r", -1)):
         arm = J[f"{s}_wrist"] - J[f"{s}_shoulder"]
         cos = sign * arm[0] / np.linalg.norm(arm)
@@ -72,11 +77,11 @@ def test_open_body_tpose_arms_along_x_legs_straight(body):
     assert 1.55 < height < 1.85
 
 
-def test_betas_change_height_monotonically(body):
+def test_betas_change_height_monotonically(smpl):
     betas = np.zeros((5, 10))
     betas[:, 0] = [-2, -1, 0, 1, 2]
     z = np.zeros((5, 3))
-    v, _ = r01.body_forward(body, betas, z, np.zeros((5, 69)))
+    v, _ = body.body_forward(smpl, betas, z, np.zeros((5, 69)))
     h = v[:, :, 1].max(1) - v[:, :, 1].min(1)
     assert np.all(np.diff(h) > 0.02), h
 
@@ -93,7 +98,7 @@ def test_convert_chumpy_pickle(tmp_path):
     with a stand-in chumpy module; the converter reads it with no chumpy installed."""
     import types
     import scipy.sparse
-    src = dict(np.load(r01.OPEN_BODY))
+    src = dict(np.load(body.OPEN_BODY))
     mod, ch = types.ModuleType("chumpy"), types.ModuleType("chumpy.ch")
 
     class Ch:
@@ -119,7 +124,7 @@ def test_convert_chumpy_pickle(tmp_path):
     z = np.load(out)
     for k in ("v_template", "shapedirs", "J_regressor", "weights"):
         np.testing.assert_allclose(z[k], src[k], atol=1e-6)
-    m = r01.load_body(str(out))
+    m = body.load_body(str(out))
     assert m.v_template.shape[0] == src["v_template"].shape[0]
     # the .pkl itself needs chumpy: one line pointing at the converter
     p = run("targets", "--out", str(tmp_path / "t"), "--smpl-model", str(pkl), "--num-poses", "1")
@@ -128,38 +133,38 @@ def test_convert_chumpy_pickle(tmp_path):
 # ----------------------------------------------------------------------------- maps
 
 
-def test_silhouettes_coincide_and_encoding_roundtrip(body, renderer, tmp_path):
+def test_silhouettes_coincide_and_encoding_roundtrip(smpl, renderer, tmp_path):
     go, bp = walking(seed=1)
-    maps, mask, v, j, cam = render(body, renderer, go[0], bp[0], 12, 30)
+    maps, mask, v, j, cam = render(smpl, renderer, go[0], bp[0], 12, 30)
     dmask = maps["depth"] > 0
     nmask = maps["normal"].max(-1) > 0
     assert dmask.sum() > 2000 and (dmask == nmask).all()
     # skeleton limbs lie on the body: almost all skeleton pixels inside the slightly dilated silhouette
     from scipy.ndimage import binary_dilation
     sk = maps["skeleton"].max(-1) > 0
-    w = common.skeleton_width(SIZE[0])
+    w = body.skeleton_width(SIZE[0])
     inside = binary_dilation(dmask, iterations=w)[sk].mean()
     assert inside > 0.95, inside
-    # the shader's 8-bit normal IS the common.encode_normal of its decoded value
-    n, m = common.decode_normal(maps["normal"])
-    assert np.abs(common.encode_normal(n, m).astype(int) - maps["normal"]).max() <= 1
+    # the shader's 8-bit normal IS the body.encode_normal of its decoded value
+    n, m = body.decode_normal(maps["normal"])
+    assert np.abs(body.encode_normal(n, m).astype(int) - maps["normal"]).max() <= 1
     # written + read back through the loader that 02/03 use
-    r01.write_maps(str(tmp_path), "x", maps)
-    c = common.load_conditions(str(tmp_path), "x")
+    body.write_maps(str(tmp_path), "x", maps)
+    c = body.load_conditions(str(tmp_path), "x")
     assert c["depth"].shape == (1, *SIZE) and c["normal"].shape == (3, *SIZE) and c["skeleton"].shape == (3, *SIZE)
     assert ((c["depth"][0] > 0).numpy() == (c["normal"].amax(0) > 0).numpy()).all()
-    assert common.load_conditions(str(tmp_path), "x", size=(64, 32))["normal"].shape == (3, 64, 32)
+    assert body.load_conditions(str(tmp_path), "x", size=(64, 32))["normal"].shape == (3, 64, 32)
 
 
-def test_rendered_normals_match_mesh_geometry(body, renderer):
+def test_rendered_normals_match_mesh_geometry(smpl, renderer):
     """Camera-space normals of the map vs the normals of the mesh's triangles, computed here from
     the posed vertices, for the triangles visible at their centre pixel: median angle < 3 degrees."""
     go, bp = walking(seed=2)
-    maps, mask, v, j, (K, R, t) = render(body, renderer, go[0], bp[0], 15, 40, size=(768, 384))
-    tri = v[body.body_faces].astype(np.float64)
+    maps, mask, v, j, (K, R, t) = render(smpl, renderer, go[0], bp[0], 15, 40, size=(768, 384))
+    tri = v[smpl.body_faces].astype(np.float64)
     fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     fn /= np.linalg.norm(fn, axis=1, keepdims=True)
-    uv, d = r01.project(tri.mean(1), K, R, t)
+    uv, d = body.project(tri.mean(1), K, R, t)
     x, y = np.floor(uv).astype(int).T
     ok = (x >= 0) & (x < 384) & (y >= 0) & (y < 768)
     # visible = not hidden: the triangle's depth matches the rendered depth at its centre pixel
@@ -167,18 +172,18 @@ def test_rendered_normals_match_mesh_geometry(body, renderer):
     ok[ok] &= np.abs(z[y[ok], x[ok]] - d[ok]) < 0.003
     n_gl = (fn @ R.T) * np.array([1, -1, -1])  # OpenCV camera -> OpenGL camera (x right, y up, z to viewer)
     ok &= n_gl[:, 2] > 0.2
-    got, _ = common.decode_normal(maps["normal"])
+    got, _ = body.decode_normal(maps["normal"])
     ang = np.degrees(np.arccos(np.clip((got[y[ok], x[ok]] * n_gl[ok]).sum(1), -1, 1)))
     print(f"normals: {ok.sum()} visible triangles, median angle {np.median(ang):.2f} deg")
     assert ok.sum() > 2000 and np.median(ang) < 3.0, (ok.sum(), np.median(ang))
 
 
-def test_higher_elevation_head_nearer_than_feet(body, renderer):
+def test_higher_elevation_head_nearer_than_feet(smpl, renderer):
     go, bp = np.zeros(3), np.zeros(69)
     bp[15 * 3 + 2], bp[16 * 3 + 2] = -1.2, 1.2  # arms down
 
     def head_minus_feet(elev):
-        maps, mask, *_ = render(body, renderer, go, bp, elev, 0)
+        maps, mask, *_ = render(smpl, renderer, go, bp, elev, 0)
         rows = np.where(mask.any(1))[0]
         top, bot = rows[:len(rows) // 10], rows[-len(rows) // 10:]
         d = maps["depth"].astype(float)
@@ -188,32 +193,32 @@ def test_higher_elevation_head_nearer_than_feet(body, renderer):
     assert hi > lo + 20, (hi, lo)
 
 
-def test_azimuth_180_shows_the_back(body, renderer):
+def test_azimuth_180_shows_the_back(smpl, renderer):
     go, bp = walking(seed=3)
 
     def facing(azim):
-        maps, mask, v, j, (K, R, t) = render(body, renderer, go[0], bp[0], 10, azim)
-        n, m = common.decode_normal(maps["normal"])
+        maps, mask, v, j, (K, R, t) = render(smpl, renderer, go[0], bp[0], 10, azim)
+        n, m = body.decode_normal(maps["normal"])
         n_world = (n[m] * np.array([1, -1, -1])) @ R   # camera -> body frame
         return n_world[:, 2].mean(), maps["skeleton"]
     z0, sk0 = facing(0)
     z1, sk1 = facing(180)
     assert z0 > 0.4 and z1 < -0.4, (z0, z1)   # front surface (+z) vs back surface (-z)
-    nose = np.array(common.OPENPOSE_COLORS[0])
+    nose = np.array(body.OPENPOSE_COLORS[0])
     has = lambda sk: (np.abs(sk.astype(int) - nose).sum(-1) == 0).any()
     assert has(sk0) and not has(sk1)          # the face keypoints are drawn only when visible
 
 
-def test_skeleton_joints_inside_silhouette(body, renderer):
+def test_skeleton_joints_inside_silhouette(smpl, renderer):
     rng = np.random.default_rng(4)
-    go, bp, _ = r01.procedural_poses(rng, 6, "ood")
+    go, bp, _ = body.procedural_poses(rng, 6, "ood")
     elev, azim = r01.sample_views(rng, 6, "uniform")
     from scipy.ndimage import binary_dilation
     for i in range(6):
-        maps, mask, v, j, (K, R, t) = render(body, renderer, go[i], bp[i], elev[i], azim[i])
-        kp = r01.openpose18(j[None])[0]
-        body_pts = [k for k in range(18) if k not in common.OPENPOSE_FACE and k != 1]
-        uv, _ = r01.project(kp[body_pts], K, R, t)
+        maps, mask, v, j, (K, R, t) = render(smpl, renderer, go[i], bp[i], elev[i], azim[i])
+        kp = body.openpose18(j[None])[0]
+        body_pts = [k for k in range(18) if k not in body.OPENPOSE_FACE and k != 1]
+        uv, _ = body.project(kp[body_pts], K, R, t)
         x, y = np.floor(uv).astype(int).T
         assert ((x >= 0) & (x < SIZE[1]) & (y >= 0) & (y < SIZE[0])).all()
         assert binary_dilation(mask, iterations=1)[y, x].all(), (i, [body_pts[k] for k in np.where(~mask[y, x])[0]])
@@ -221,9 +226,9 @@ def test_skeleton_joints_inside_silhouette(body, renderer):
 # ----------------------------------------------------------------------------- poses, targets
 
 
-def test_pose_bank_roundtrip(tmp_path, body):
+def test_pose_bank_roundtrip(tmp_path, smpl):
     rng = np.random.default_rng(5)
-    go, bp, _ = r01.procedural_poses(rng, 8, "ood")
+    go, bp, _ = body.procedural_poses(rng, 8, "ood")
     from scipy.spatial.transform import Rotation
     # an AMASS-like bank: z-up roots (canonical root rotated +90 deg about x), SMPL-H width 156
     zup = (Rotation.from_euler("x", 90, degrees=True) * Rotation.from_rotvec(go)).as_rotvec()
@@ -268,9 +273,9 @@ def test_viewpoint_and_pose_sources():
     e, a = r01.sample_views(rng, 4000, "train")
     front_back = np.minimum(np.abs((a + 180) % 360 - 180), np.abs(a - 180))
     assert 8 <= e.min() and e.max() <= 14 and np.percentile(front_back, 95) < 25
-    _, bid, k1 = r01.procedural_poses(rng, 200, "id")
-    _, bood, k2 = r01.procedural_poses(rng, 200, "ood")
-    assert set(k1) <= set(r01.ID_KINDS) and set(k2) == set(r01.OOD_KINDS)
+    _, bid, k1 = body.procedural_poses(rng, 200, "id")
+    _, bood, k2 = body.procedural_poses(rng, 200, "ood")
+    assert set(k1) <= set(body.ID_KINDS) and set(k2) == set(body.OOD_KINDS)
     # OOD poses are farther from the mean walking pose than walking poses are
     mu = bid.mean(0)
     assert np.linalg.norm(bood - mu, axis=1).mean() > 1.5 * np.linalg.norm(bid - mu, axis=1).mean()
@@ -282,8 +287,8 @@ def test_viewpoint_and_pose_sources():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world") / "w"
-    p = run("world", "--out", str(out), "--train-ids", "3", "--test-ids", "2", "--images-per-camera", "2",
-            "--workers", "1")
+    p = run("--out", str(out), "--train-ids", "3", "--test-ids", "2", "--images-per-camera", "2",
+            "--workers", "1", script=WORLD)
     assert p.returncode == 0, p.stderr
     return out
 
@@ -304,8 +309,8 @@ def test_world_layout_and_determinism(world, tmp_path):
     from PIL import Image
     assert Image.open(world / "bounding_box_train" / train[0]).size == (64, 128)
     # same seed -> identical world (here also with 2 worker processes instead of 1)
-    p = run("world", "--out", str(tmp_path / "w2"), "--train-ids", "3", "--test-ids", "2",
-            "--images-per-camera", "2", "--workers", "2")
+    p = run("--out", str(tmp_path / "w2"), "--train-ids", "3", "--test-ids", "2",
+            "--images-per-camera", "2", "--workers", "2", script=WORLD)
     assert p.returncode == 0, p.stderr
     for dp, _, fs in os.walk(world):
         for fn in fs:
@@ -318,21 +323,21 @@ def test_world_layout_and_determinism(world, tmp_path):
     assert "images" in p.stdout and " s" in p.stdout  # size and time printed
 
 
-def test_conditions_align_with_world_images(world, tmp_path, body):
+def test_conditions_align_with_world_images(world, tmp_path, smpl):
     p = run("conditions", "--data", str(world), "--out", str(tmp_path / "c"))
     assert p.returncode == 0, p.stderr
     import json
     meta = json.load(open(world / "identities.json"))
-    w = r01.World(meta)
+    w = World(meta)
     try:
-        sc = r01.load_params(str(world / "smpl" / "bounding_box_train.npz"))
+        sc = body.load_params(str(world / "smpl" / "bounding_box_train.npz"))
         for i in range(0, 18, 5):
             pid = common.parse_name(str(sc["names"][i]))[0]
             ident = dict(w.ids[pid], backpack=None)  # the maps show the body only
             _, mask, _ = w.render(ident, sc["global_orient"][i], sc["body_pose"][i], 0, 0, "c1", (128, 64), 0,
                                   camera=(sc["K"][i].astype(float), sc["R"][i].astype(float), sc["t"][i].astype(float)))
             stem = os.path.splitext(str(sc["names"][i]))[0]
-            c = common.load_conditions(str(tmp_path / "c" / "bounding_box_train"), stem)
+            c = body.load_conditions(str(tmp_path / "c" / "bounding_box_train"), stem)
             m2 = (c["depth"][0] > 0).numpy()
             iou = (mask & m2).sum() / (mask | m2).sum()
             assert iou > 0.85, (stem, iou)
@@ -348,19 +353,20 @@ def test_oracle_and_figures(world, tmp_path):
     man.write_text("file,source,pid,target_id,pose_id,elevation,azimuth,seed\n"
                    "bounding_box_train/0001_c9s1_000001_00.jpg,0001_c1s1_000001_00.jpg,1,t00002,1,0,0,7\n"
                    "bounding_box_train/0002_c9s1_000002_00.jpg,0002_c1s1_000007_00.jpg,2,t00001,0,0,0,8\n")
-    p = run("oracle", "--manifest", str(man), "--targets", str(tg), "--world", str(world), "--out", str(tmp_path / "o"))
+    p = run("--manifest", str(man), "--targets", str(tg), "--world", str(world), "--out", str(tmp_path / "o"),
+            script=ORACLE)
     assert p.returncode == 0, p.stderr
     from PIL import Image
     img = np.asarray(Image.open(tmp_path / "o" / "bounding_box_train" / "0001_c9s1_000001_00.jpg"))
     mask = np.asarray(Image.open(tmp_path / "o" / "masks" / "0001_c9s1_000001_00.mask.png")) > 127
     assert img.shape == (128, 64, 3) and 0.05 < mask.mean() < 0.7
     # the oracle lines up with the target maps it was asked for
-    c = common.load_conditions(str(tg / "maps"), "t00002")
+    c = body.load_conditions(str(tg / "maps"), "t00002")
     m2 = (c["depth"][0] > 0).numpy()
     assert (mask & m2).sum() / (mask | m2).sum() > 0.6
     d = common.load_reid_dataset(str(world), extra_train=[str(tmp_path / "o" / "bounding_box_train")])
     assert sum(cam == common.AUG_CAMERA - 1 for _, _, cam in d["train"]) == 2
-    p = run("figures", "--data", str(world), "--targets", str(tg), "--out", str(tmp_path / "f"))
+    p = run("--data", str(world), "--targets", str(tg), "--out", str(tmp_path / "f"), script=FIGURES)
     assert p.returncode == 0, p.stderr
     assert os.path.getsize(tmp_path / "f" / "fig3_viewpoints.png") > 5000
     assert os.path.getsize(tmp_path / "f" / "fig3_tsne_poses.png") > 5000

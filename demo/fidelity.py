@@ -1,0 +1,191 @@
+"""
+Generator fidelity on the demo world, where ground truth exists: every generated image is compared
+with the oracle render of the same file name (same identity, pose and viewpoint; demo/oracle.py):
+PSNR (whole image and person only), SSIM and foreground-mask IoU, with two controls: the oracle of
+the same identity in ANOTHER target pose (pose-shuffled: does the sample follow the pose?) and the
+oracle of ANOTHER identity in the same target pose (does it keep the identity?).
+
+  python demo/fidelity.py --generated runs/demo/augmented/vi --oracle runs/demo/augmented/oracle \
+      [--out runs/demo/results/fidelity.json] [--sheet sheet.png --data runs/demo/world --targets runs/demo/targets/vi]
+
+Writes <generated>/fidelity.json (--out), and with --sheet a PNG of references and their
+(skeleton | generated | oracle) triples.
+"""
+import os
+import sys
+import csv
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import common  # noqa: E402
+from common import UserError  # noqa: E402
+from body import cond_path  # noqa: E402
+
+def estimate_mask(img, thr=0.12):
+    """Foreground of an HxWx3 [0,1] image: pixels far from the median colour of the image border
+    (the demo world's backgrounds are plain per camera, so the border is background)."""
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    return np.linalg.norm(img - np.median(border, axis=0), axis=-1) > thr * np.sqrt(3)
+
+
+def ssim(a, b, sigma=1.5, size=11):
+    """SSIM (Wang et al. 2004) with a gaussian window, per channel, averaged; a, b HxWx3 in [0,1]."""
+    x = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None].double()
+    y = torch.from_numpy(np.ascontiguousarray(b.transpose(2, 0, 1)))[None].double()
+    g = torch.exp(-(torch.arange(size, dtype=torch.float64) - size // 2) ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    win = (g[:, None] * g[None, :]).expand(3, 1, size, size)
+    f = lambda t: F.conv2d(t, win, groups=3)
+    mx, my = f(x), f(y)
+    vx, vy, cxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return float((((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean())
+
+
+def psnr(a, b, mask=None):
+    """PSNR in dB of [0,1] images; mask: only those pixels (the person: backgrounds of generated
+    and oracle images come from different cameras, so the whole-image figure mixes them in)."""
+    d = (a - b) ** 2 if mask is None else ((a - b) ** 2)[mask]
+    return float(10 * np.log10(1.0 / max(np.mean(d) if d.size else 1.0, 1e-10)))
+
+
+def iou(m1, m2):
+    u = np.logical_or(m1, m2).sum()
+    return float(np.logical_and(m1, m2).sum() / u) if u else 1.0
+
+
+def fidelity(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--generated", required=True, help="variant folder: manifest.csv + bounding_box_train/")
+    p.add_argument("--oracle", required=True, help="oracle folder of the same layout and file names (demo/oracle.py)")
+    p.add_argument("--oracle-masks", default=None, help="folder of oracle foreground masks <stem>.mask.png "
+                   "(default <oracle>/masks, written by demo/oracle.py; else estimated like the generated ones)")
+    p.add_argument("--out", default=None, help="JSON to write (default <generated>/fidelity.json)")
+    p.add_argument("--sheet", default=None, help="also write a PNG contact sheet: per row a reference, then "
+                   "4 x (target skeleton | generated | oracle); needs --data and --targets")
+    p.add_argument("--data", default=None, help="with --sheet: the data set root whose bounding_box_train/ "
+                   "holds the references")
+    p.add_argument("--targets", default=None, help="with --sheet: the target set (maps/<target_id>.skeleton.png)")
+    p.add_argument("--sheet-rows", type=int, default=6)
+    args = p.parse_args(argv)
+    if args.sheet and not (args.data and args.targets):
+        raise UserError("--sheet needs --data (references) and --targets (skeleton maps)")
+    from PIL import Image
+    man = os.path.join(args.generated, "manifest.csv")
+    if not os.path.isfile(man):
+        raise UserError(f"'{args.generated}' has no manifest.csv (write it with 03_generate.py)")
+    with open(man, newline="") as f:
+        rows = list(csv.DictReader(f))
+    masks_dir = args.oracle_masks or os.path.join(args.oracle, "masks")
+    have = [r for r in rows if os.path.isfile(os.path.join(args.oracle, r["file"]))]
+    if not have:
+        raise UserError(f"none of the {len(rows)} images of '{man}' has an oracle render in '{args.oracle}' "
+                        f"(make them with 'python demo/oracle.py --manifest {man} ...')")
+
+    def load(path, size=None):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != size:
+                im = im.resize(size, Image.BICUBIC)
+            return np.asarray(im, dtype=np.float64) / 255.0
+
+    gen, ora, gmask, omask = {}, {}, {}, {}
+    for r in tqdm(have, desc="loading", leave=False):
+        g = load(os.path.join(args.generated, r["file"]))
+        size = (g.shape[1], g.shape[0])
+        o = load(os.path.join(args.oracle, r["file"]), size)
+        mp = os.path.join(masks_dir, os.path.splitext(os.path.basename(r["file"]))[0] + ".mask.png")
+        if os.path.isfile(mp):
+            with Image.open(mp) as im:
+                om = np.asarray(im.convert("L").resize(size, Image.NEAREST)) > 127
+        else:
+            om = estimate_mask(o)
+        gen[r["file"]], ora[r["file"]], gmask[r["file"]], omask[r["file"]] = g, o, estimate_mask(g), om
+    # controls: the same identity's oracle in another target pose (does the sample follow the pose?)
+    # and another identity's oracle in the same target pose (does it keep the identity?)
+    by_src, by_tgt = {}, {}
+    for r in have:
+        by_src.setdefault(r["source"], []).append(r)
+        by_tgt.setdefault(r["target_id"], []).append(r)
+    m = {k: [] for k in ("psnr", "psnr_fg", "ssim", "mask_iou", "shuf_psnr", "shuf_psnr_fg", "shuf_iou",
+                         "other_psnr", "other_psnr_fg", "other_iou", "gain_pose_iou", "gain_id_psnr_fg")}
+    for r in tqdm(have, desc="fidelity"):
+        f = r["file"]
+        m["psnr"].append(psnr(gen[f], ora[f]))
+        m["psnr_fg"].append(psnr(gen[f], ora[f], omask[f]))
+        m["ssim"].append(ssim(gen[f], ora[f]))
+        m["mask_iou"].append(iou(gmask[f], omask[f]))
+        same = [q for q in by_src[r["source"]] if q["target_id"] != r["target_id"]]
+        if same:
+            q = same[len(m["psnr"]) % len(same)]["file"]  # deterministic pick
+            m["shuf_psnr"].append(psnr(gen[f], ora[q]))
+            m["shuf_psnr_fg"].append(psnr(gen[f], ora[q], omask[q]))
+            m["shuf_iou"].append(iou(gmask[f], omask[q]))
+            m["gain_pose_iou"].append(m["mask_iou"][-1] - m["shuf_iou"][-1])
+        other = [q for q in by_tgt[r["target_id"]] if q["pid"] != r["pid"]]
+        if other:
+            q = other[len(m["psnr"]) % len(other)]["file"]
+            m["other_psnr"].append(psnr(gen[f], ora[q]))
+            m["other_psnr_fg"].append(psnr(gen[f], ora[q], omask[q]))
+            m["other_iou"].append(iou(gmask[f], omask[q]))
+            m["gain_id_psnr_fg"].append(m["psnr_fg"][-1] - m["other_psnr_fg"][-1])
+    mean = lambda v: float(np.mean(v)) if v else None
+    # paired gains over the controls with a 95% interval: "clearly above" means the interval excludes 0
+    ci = lambda v: [float(np.mean(v) - 1.96 * np.std(v) / np.sqrt(len(v))), float(np.mean(v) + 1.96 * np.std(v) / np.sqrt(len(v)))] if len(v) > 1 else None
+    res = dict(generated=args.generated, oracle=args.oracle, images=len(have), images_without_oracle=len(rows) - len(have),
+               psnr=mean(m["psnr"]), psnr_foreground=mean(m["psnr_fg"]), ssim=mean(m["ssim"]), mask_iou=mean(m["mask_iou"]),
+               control_pose_shuffled=dict(psnr=mean(m["shuf_psnr"]), psnr_foreground=mean(m["shuf_psnr_fg"]),
+                                          mask_iou=mean(m["shuf_iou"]), n=len(m["shuf_iou"])),
+               control_other_identity=dict(psnr=mean(m["other_psnr"]), psnr_foreground=mean(m["other_psnr_fg"]),
+                                           mask_iou=mean(m["other_iou"]), n=len(m["other_iou"])),
+               oracle_masks="files" if os.path.isdir(masks_dir) else "estimated",
+               pose_gain_mask_iou=dict(mean=mean(m["gain_pose_iou"]), ci95=ci(m["gain_pose_iou"])),
+               identity_gain_psnr_foreground=dict(mean=mean(m["gain_id_psnr_fg"]), ci95=ci(m["gain_id_psnr_fg"])))
+    out = args.out or os.path.join(args.generated, "fidelity.json")
+    common.save_json(out, res)
+    if args.sheet:
+        sample_sheet(args, by_src, gen, ora)
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+    print(f"{len(have)} images vs oracle: PSNR {fmt(res['psnr'])} dB (person only {fmt(res['psnr_foreground'])}), "
+          f"SSIM {fmt(res['ssim'])}, mask IoU {fmt(res['mask_iou'])}")
+    for name, key in (("pose shuffled (same identity, other target)", "control_pose_shuffled"),
+                      ("other identity (same target pose)", "control_other_identity")):
+        c = res[key]
+        print(f"  control, {name}: PSNR {fmt(c['psnr'])} (person only {fmt(c['psnr_foreground'])}), mask IoU {fmt(c['mask_iou'])}")
+    for name, key in (("follows the pose: mask IoU - pose-shuffled", "pose_gain_mask_iou"),
+                      ("keeps the identity: person PSNR - other identity", "identity_gain_psnr_foreground")):
+        g = res[key]
+        if g["ci95"]:
+            print(f"  {name}: {g['mean']:+.4f} (95% CI {g['ci95'][0]:+.4f} .. {g['ci95'][1]:+.4f})")
+    print(f"wrote {out}")
+    return res
+
+
+def sample_sheet(args, by_src, gen, ora, per_row=4):
+    """The picture next to the numbers: references spread over the identities, each followed by
+    per_row of its jobs as (target skeleton | generated | oracle), all at the generated size.
+    by_src: {reference file name: [manifest rows]}, as fidelity() grouped them for its controls."""
+    from PIL import Image
+    sources = sorted(by_src)
+    pick = [sources[i] for i in np.linspace(0, len(sources) - 1, min(args.sheet_rows, len(sources))).astype(int)]
+    h, w = next(iter(gen.values())).shape[:2]
+    tile = lambda path, mode="RGB": np.asarray(Image.open(path).convert(mode).resize((w, h), Image.BICUBIC))
+    to8 = lambda a: (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+    lines = []
+    for src in pick:
+        cells = [tile(os.path.join(args.data, "bounding_box_train", src))]
+        for r in by_src[src][:per_row]:
+            cells += [tile(cond_path(os.path.join(args.targets, "maps"), r["target_id"], "skeleton")),
+                      to8(gen[r["file"]]), to8(ora[r["file"]])]
+        cells += [np.zeros((h, w, 3), np.uint8)] * (1 + 3 * per_row - len(cells))  # pad short rows
+        lines.append(np.concatenate(cells, 1))
+    common.save_image(args.sheet, np.concatenate(lines, 0))
+    print(f"wrote {args.sheet} ({len(lines)} references x {per_row} jobs: skeleton | generated | oracle)")
+
+if __name__ == "__main__":
+    common.run_main(fidelity)

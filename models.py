@@ -1,0 +1,255 @@
+"""
+Building, loading and saving the networks around the paper's machinery (common.py): the frozen
+VAE and CLIP image encoder (latents, image embeddings), pretrained weights from a local folder or
+a hub id, the generator folders 02 writes and 03 reads, and the Re-ID network.
+"""
+import os
+import json
+import shutil
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from common import COND_KINDS, Generator, PoseGuider, UserError, atomic_write
+
+# -----------------------------------------------------------------------------
+# the frozen VAE and CLIP image encoder
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SD-1.5's noise schedule: the default for a generator built from scratch. A pretrained folder's
+# own scheduler/ wins. 02 saves the schedule it trained with; 03 samples with that same config.
+SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                     beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
+                     steps_offset=1)
+
+def vae_factor(vae):
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode_latents(vae, images):
+    """images (B, 3, H, W) in [-1, 1] -> scaled latents (the posterior mean: deterministic)."""
+    z = vae.encode(images.to(vae.dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae, z):
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
+def clip_embed(image_encoder, images):
+    """images (B, 3, H, W) in [-1, 1] -> (B, 1, D) image_embeds, the cross-attention context of
+    both U-Nets. The whole crop is resized to the encoder's square input (CLIP's own
+    preprocessing centre-crops the short side, which cuts head and feet off a person crop)."""
+    s = image_encoder.config.image_size
+    x = F.interpolate((images.float() + 1) / 2, size=(s, s), mode="bicubic", align_corners=False, antialias=True)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return image_encoder(pixel_values=((x - mean) / std).to(image_encoder.dtype)).image_embeds[:, None]
+
+
+def to_uint8(images):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def load_image_tensor(path, size):
+    """Image file -> (3, H, W) float in [-1, 1] at size (height, width)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.BICUBIC)
+        a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(a.transpose(2, 0, 1).copy())
+
+
+# -----------------------------------------------------------------------------
+# weights: from_pretrained for local folders and hub ids, atomic save_pretrained, generator folders
+
+def save_pretrained_atomic(model, folder):
+    """save_pretrained into a temp dir beside `folder`, then swap it in: an interrupted save never
+    leaves a half-written model folder behind (the old one stays until the new one is complete)."""
+    folder = os.path.abspath(folder)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp_")
+    try:
+        model.save_pretrained(tmp)
+        if os.path.isdir(folder):
+            old = tmp + ".old"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def from_pretrained(cls, path_or_id, subfolder=None, what="weights"):
+    """cls.from_pretrained(local folder or hub id) with one clear line for the usual mistakes
+    (missing path, not a diffusers/transformers folder, hub unreachable) instead of a traceback.
+    The same call loads SD-1.5 ("runwayml/stable-diffusion-v1-5", subfolder "unet") and the
+    folders 02 writes."""
+    config_name = getattr(cls, "config_name", None) or "config.json"
+    where = os.path.join(path_or_id, subfolder) if subfolder else path_or_id
+    if os.path.isdir(path_or_id):
+        if not os.path.isfile(os.path.join(where, config_name)):
+            raise UserError(f"{what} '{path_or_id}' is not a diffusers/transformers folder: "
+                            f"'{os.path.join(where, config_name)}' is missing")
+    elif os.path.exists(path_or_id) or path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") != 1:
+        raise UserError(f"{what} '{path_or_id}' does not exist (give a local folder or a hub id like "
+                        f"'runwayml/stable-diffusion-v1-5')")
+    kw = {"subfolder": subfolder} if subfolder else {}
+    if cls.__module__.startswith("diffusers.models"):
+        from diffusers.utils import is_accelerate_available
+        kw["low_cpu_mem_usage"] = is_accelerate_available()  # no warning per model when it is absent
+    try:
+        with warnings.catch_warnings():  # huggingface_hub deprecation noise on every hub lookup
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            return cls.from_pretrained(path_or_id, **kw)
+    except (OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {what} from '{where}': {msg}")
+
+
+def save_guiders(path, guiders):
+    from safetensors.torch import save_file
+    meta = {"config": json.dumps({k: dict(in_channels=g.body[0].in_channels, out_channels=g.out.out_channels,
+                                          widths=[m.out_channels for m in g.body if isinstance(m, nn.Conv2d)])
+                                  for k, g in guiders.items()})}
+    sd = {k: v.detach().cpu().contiguous() for k, v in guiders.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+def load_guiders(path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise UserError(f"pose guider weights '{path}' are missing")
+    with safe_open(path, "pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+    guiders = nn.ModuleDict()
+    for k in COND_KINDS:
+        c = cfg[k]
+        w = c["widths"][0::2]  # the body's convs: first, then (stride-1, stride-2) per level
+        guiders[k] = PoseGuider(c["in_channels"], c["out_channels"], len(w) - 1, widths=tuple(w))
+    guiders.load_state_dict(load_file(path))
+    return guiders
+
+
+def save_generator(folder, gen):
+    save_pretrained_atomic(gen.reference_unet, os.path.join(folder, "reference_unet"))
+    save_pretrained_atomic(gen.denoising_unet, os.path.join(folder, "denoising_unet"))
+    save_guiders(os.path.join(folder, "guiders.safetensors"), gen.guiders)
+
+
+def load_generator(folder):
+    """-> (Generator, vae, image_encoder, noise-schedule config, args dict) from a folder that
+    02_train_generator.py wrote. The VAE / image encoder come from the folder when 02 trained or
+    built them (--from-scratch), else from the pretrained sources recorded in args.json."""
+    from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler
+    from transformers import CLIPVisionModelWithProjection
+    args_path = os.path.join(folder, "args.json")
+    if not os.path.isfile(args_path):
+        raise UserError(f"'{folder}' is not a generator folder written by 02_train_generator.py (no args.json)")
+    with open(args_path) as f:
+        args = json.load(f)
+    ref = from_pretrained(UNet2DConditionModel, os.path.join(folder, "reference_unet"), what="reference U-Net")
+    den = from_pretrained(UNet2DConditionModel, os.path.join(folder, "denoising_unet"), what="denoising U-Net")
+    gen = Generator(ref, den, load_guiders(os.path.join(folder, "guiders.safetensors")))
+    own = lambda sub: os.path.isdir(os.path.join(folder, sub))
+    vae = (from_pretrained(AutoencoderKL, os.path.join(folder, "vae"), what="VAE") if own("vae") else
+           from_pretrained(AutoencoderKL, args["pretrained"], "vae", what="VAE"))
+    enc = (from_pretrained(CLIPVisionModelWithProjection, os.path.join(folder, "image_encoder"), what="image encoder")
+           if own("image_encoder") else
+           from_pretrained(CLIPVisionModelWithProjection, args["image_encoder"], args.get("image_encoder_subfolder"),
+                           what="image encoder"))
+    schedule = dict(from_pretrained(DDPMScheduler, os.path.join(folder, "scheduler"), what="noise schedule").config)
+    return gen, vae.eval().requires_grad_(False), enc.eval().requires_grad_(False), schedule, args
+
+
+# -----------------------------------------------------------------------------
+# the Re-ID network
+
+def build_reid_model(arch, num_classes, weights=None, bnneck=False):
+    """torchvision trunk (ResNet50 in the paper; any torchvision classifier with an fc head,
+    e.g. resnet18 or shufflenet_v2_x0_5 for CPU runs) -> global average pool -> feature (2048-d
+    for resnet50, the paper's triplet feature) -> linear classifier (cross-entropy). By default no
+    BNNeck: the paper uses the pooled feature for both losses. bnneck=True (Luo et al. 2019, "Bag of Tricks") puts a
+    BatchNorm1d between the feature and a bias-free classifier: the triplet loss still sees the
+    pooled feature, cross-entropy a normalised copy, so a trunk trained from scratch cannot satisfy
+    both by shrinking every feature to one point. forward() returns (pooled feature, logits) either
+    way; the pooled feature is what 05 ranks. weights: None, 'imagenet' (torchvision download), or
+    a path to a torchvision state dict for the trunk."""
+    import torchvision  # only the Re-ID stages need it
+
+    if arch not in torchvision.models.list_models(torchvision.models):
+        raise UserError(f"unknown --arch '{arch}': use a torchvision classifier with an fc head "
+                        f"(resnet50, resnet18, shufflenet_v2_x0_5, regnet_x_400mf, ...)")
+    trunk = torchvision.models.get_model(arch, weights=None)
+    if not isinstance(getattr(trunk, "fc", None), torch.nn.Linear):
+        raise UserError(f"--arch '{arch}' has no fc head: use a ResNet, ResNeXt, RegNet or ShuffleNetV2")
+    if weights == "imagenet":
+        url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+        try:
+            state = torch.hub.load_state_dict_from_url(url, progress=False)
+        except Exception as e:
+            raise UserError(f"cannot download ImageNet weights for {arch} from {url} ({type(e).__name__}); "
+                            f"on a machine without internet download that file elsewhere and pass "
+                            f"--backbone-weights PATH, or use --backbone-weights none")
+        trunk.load_state_dict(state)
+    elif weights not in (None, "none"):
+        if not os.path.isfile(weights):
+            raise UserError(f"backbone weights file '{weights}' does not exist")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        missing, _ = trunk.load_state_dict(state, strict=False)
+        if [k for k in missing if not k.startswith("fc.")]:
+            raise UserError(f"'{weights}' is not a torchvision {arch} state dict (missing {missing[:3]} ...)")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feat_dim = trunk.fc.in_features
+            trunk.fc = torch.nn.Identity()  # trunk(x) is now the globally pooled feature
+            self.backbone = trunk
+            self.neck = torch.nn.BatchNorm1d(self.feat_dim) if bnneck else torch.nn.Identity()
+            if bnneck:
+                self.neck.bias.requires_grad_(False)  # a scale per channel, no shift (Bag of Tricks)
+            self.classifier = torch.nn.Linear(self.feat_dim, num_classes, bias=not bnneck)
+
+        def forward(self, x):
+            f = self.backbone(x)
+            return f, self.classifier(self.neck(f))
+
+    return Net()
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageDataset:
+    """Map-style data set over [(path, label, camid)] for torch's DataLoader (which needs only
+    __len__ and __getitem__): returns (transform(RGB image), label, camid)."""
+
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label, camid = self.items[i]
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+        return self.transform(img), label, camid

@@ -1,0 +1,113 @@
+"""
+The results tables: every <results>/<name>.json that 05_evaluate.py wrote, aggregated into one
+markdown table (mean +- sample std over seeds, per Table 1/2 row and test split; the gain over row
+(I) paired by seed), with the generator-fidelity line (demo/fidelity.py's fidelity.json) and the
+stage times of run_all.sh (stage_times.csv) when present. Writes <results>/summary.md; with
+--readme it also replaces the README's results block.
+
+  python tools/summarize.py runs/demo/results [--readme README.md]
+"""
+import os
+import re
+import sys
+import json
+import argparse
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import common  # noqa: E402
+
+# Table 1 of the paper, in its order; any other variant name follows these rows
+ROWS = {
+    "base": "(I) no augmentation",
+    "ii": "(II) in-distribution poses and viewpoints",
+    "iii": "(III) out-of-distribution poses",
+    "iv": "(IV) uniform viewpoints",
+    "vi": "(VI) both = Diff-ID",
+    "oracle": "ORACLE: (VI)'s jobs rendered as ground truth",
+}
+
+
+def row_label(variant):
+    m = re.fullmatch(r"vi_n(\d+)", variant)
+    return f"Table 2: (VI) with {int(m.group(1)):,} generated images" if m else ROWS.get(variant, variant)
+
+
+def row_order(variant):
+    m = re.fullmatch(r"vi_n(\d+)", variant)
+    return (list(ROWS).index(variant) if variant in ROWS else len(ROWS) + (1 if m else 2), int(m.group(1)) if m else 0, variant)
+
+
+def summarize(results_dir, readme=None):
+    """Aggregate the per-model json files into one markdown table (mean +- sample std over
+    seeds) and optionally splice it into the README between the results markers."""
+    import glob
+    runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "*.json")))]
+    runs = [r for r in runs if "mAP" in r]
+    if not runs:
+        raise common.UserError(f"no result json files in '{results_dir}': run 05_evaluate.py on trained models first")
+    splits = sorted({r.get("split", "same") for r in runs}, key=lambda s: (s != "same", s))
+    variants = sorted({r.get("variant", r["name"]) for r in runs}, key=row_order)
+    ms = lambda xs, sign="": (f"{100 * np.mean(xs):{sign}.1f} ± {100 * np.std(xs, ddof=1):.1f}" if len(xs) > 1
+                              else f"{100 * xs[0]:{sign}.1f}" if xs else "")
+    by = {(r.get("variant", r["name"]), r.get("split", "same"), r.get("seed")): r for r in runs}
+    head = ("| row | " + " | ".join(f"{s}: mAP | {s}: R1" for s in splits) + " | "
+            + " | ".join(f"{s}: mAP − (I)" for s in splits) + " | seeds |")
+    lines = [head, "|" + "---|" * (3 * len(splits) + 2)]
+    for v in variants:
+        cells, deltas, n = [], [], 0
+        for s in splits:
+            rs = [r for r in runs if r.get("variant", r["name"]) == v and r.get("split", "same") == s]
+            n = max(n, len(rs))
+            cells += [ms([r["mAP"] for r in rs]), ms([r["R1"] for r in rs])]
+            # paired by seed: a row's seed-s model against (I)'s seed-s model on the same split
+            pairs = [(r, by.get(("base", s, r.get("seed")))) for r in rs] if v != "base" else []
+            deltas.append(ms([r["mAP"] - b["mAP"] for r, b in pairs if b], "+"))
+        lines.append(f"| {row_label(v)} | " + " | ".join(cells + deltas) + f" | {n} |")
+    table = "\n".join(lines) + "\n"
+    fid = os.path.join(results_dir, "fidelity.json")
+    if os.path.exists(fid):
+        f = json.load(open(fid))
+        g, c = f["identity_gain_psnr_foreground"], f["control_pose_shuffled"]
+        num = lambda v, spec: "n/a" if v is None else format(v, spec)  # controls need >= 2 jobs per identity / target
+        ci = g["ci95"] or [None, None]
+        table += (f"\nGenerator fidelity, {f['images']:,} generated (VI) images against ground-truth renders of the same "
+                  f"jobs (`demo/fidelity.py`): person PSNR {num(f['psnr_foreground'], '.2f')} dB, "
+                  f"{num(g['mean'], '+.2f')} dB (95% CI {num(ci[0], '+.2f')} .. {num(ci[1], '+.2f')}) over another identity "
+                  f"in the same pose; mask IoU {num(f['mask_iou'], '.3f')} against {num(c['mask_iou'], '.3f')} with the "
+                  f"target pose shuffled.\n")
+    times = os.path.join(results_dir, "stage_times.csv")
+    if os.path.exists(times):
+        import csv
+        total, count = {}, {}
+        for r in csv.DictReader(open(times)):
+            total[r["stage"]] = total.get(r["stage"], 0) + int(r["seconds"])
+            count[r["stage"]] = count.get(r["stage"], 0) + 1
+        table += ("\n| stage | runs | wall time (s) |\n|---|---|---|\n"
+                  + "".join(f"| {k} | {count[k]} | {v:,} |\n" for k, v in total.items())
+                  + f"| all | {sum(count.values())} | {sum(total.values()):,} ({sum(total.values()) / 60:.0f} min) |\n")
+    common.save_text(os.path.join(results_dir, "summary.md"), table)
+    print(table)
+    print(f"wrote {os.path.join(results_dir, 'summary.md')}")
+    if readme:
+        text = open(readme).read()
+        a, b = "<!-- results:start -->", "<!-- results:end -->"
+        if a not in text or b not in text:
+            raise common.UserError(f"'{readme}' has no {a} ... {b} block to replace")
+        note = f"\n_Generated by `python tools/summarize.py {results_dir} --readme {readme}`._\n\n"
+        text = text[:text.index(a) + len(a)] + note + table + "\n" + text[text.index(b):]
+        common.save_text(readme, text)
+        print(f"updated the results block of {readme}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", help="results folder with the json files of 05_evaluate.py")
+    ap.add_argument("--readme", help="also replace the results block of this README")
+    args = ap.parse_args()
+    summarize(args.results, args.readme)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
