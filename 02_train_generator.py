@@ -29,6 +29,7 @@ import time
 import random
 import argparse
 import contextlib
+import importlib.util
 
 import numpy as np
 import torch
@@ -56,8 +57,8 @@ def parse_args(argv=None):
     w = p.add_argument_group("weights (exactly one of --pretrained, --from-scratch, --init)")
     w.add_argument("--pretrained", help="SD-1.5 hub id or local diffusers folder (unet/, vae/, [scheduler/])")
     w.add_argument("--image-encoder", help="CLIPVisionModelWithProjection hub id or folder (with --pretrained)")
-    w.add_argument("--image-encoder-subfolder", default=None, help="e.g. image_encoder for "
-                   "lambdalabs/sd-image-variations-diffusers (a local folder that has one is found itself)")
+    w.add_argument("--image-encoder-subfolder", default=None, help="subfolder of --image-encoder (default: "
+                   "image_encoder/ when the encoder is there, as in lambdalabs/sd-image-variations-diffusers)")
     w.add_argument("--from-scratch", action="store_true", help="tiny configs for CPU / the demo world")
     w.add_argument("--init", help="start from a generator folder written by this script (stage 1 -> stage 2)")
     s = p.add_argument_group("--from-scratch model sizes")
@@ -77,7 +78,10 @@ def parse_args(argv=None):
     t.add_argument("--max-grad-norm", type=float, default=1.0)
     t.add_argument("--drop-prob", type=float, default=0.1, help="null condition (reference + CLIP dropped together)")
     t.add_argument("--amp", action="store_true", help="bf16 autocast (use on GPU)")
-    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less "
+                   "memory for about a third more time (with --optimizer adamw8bit: SD-1.5 size on 24 GB GPUs)")
+    t.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw", help="adamw8bit: bitsandbytes' "
+                   "8-bit AdamW, 2 bytes of optimiser state per parameter instead of 8 (CUDA)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     t.add_argument("--num-workers", type=int, default=0, help="data loader processes")
@@ -91,6 +95,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if sum(bool(x) for x in (args.pretrained, args.from_scratch, args.init)) != 1:
         raise UserError("give exactly one of --pretrained PATH_OR_ID, --from-scratch, --init GENERATOR_FOLDER")
+    if args.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes, on a CUDA machine); "
+                        "or use --optimizer adamw")
     if args.pretrained and not args.image_encoder:
         raise UserError("--pretrained needs --image-encoder (a CLIPVisionModelWithProjection, e.g. "
                         "lambdalabs/sd-image-variations-diffusers --image-encoder-subfolder image_encoder)")
@@ -279,12 +286,15 @@ def build(args, items, device, is_main):
         unet = models.from_pretrained(UNet2DConditionModel, args.pretrained, "unet", what="pretrained weights")
         vae = models.from_pretrained(AutoencoderKL, args.pretrained, "vae", what="pretrained weights")
         sub = args.image_encoder_subfolder
-        if sub is None and os.path.isdir(os.path.join(args.image_encoder, "image_encoder")):
-            sub = "image_encoder"
+        if sub is None and not models.has_file(args.image_encoder, "config.json") and \
+                models.has_file(args.image_encoder, "image_encoder/config.json"):
+            sub = "image_encoder"  # e.g. lambdalabs/sd-image-variations-diffusers, a hub id or a local copy
         enc = models.from_pretrained(CLIPVisionModelWithProjection, args.image_encoder, sub, what="image encoder")
-        has_sched = os.path.isfile(os.path.join(args.pretrained, "scheduler", "scheduler_config.json"))
-        schedule = (dict(DDPMScheduler.from_pretrained(args.pretrained, subfolder="scheduler").config) if has_sched
-                    else dict(models.SD15_SCHEDULE))
+        if models.has_file(args.pretrained, "scheduler/scheduler_config.json"):  # the weights' own schedule
+            schedule = dict(models.from_pretrained(DDPMScheduler, args.pretrained, "scheduler", what="noise schedule").config)
+        else:
+            schedule = dict(models.SD15_SCHEDULE)
+            print(f"'{args.pretrained}' has no scheduler/: training with SD-1.5's noise schedule")
         sources = dict(pretrained=args.pretrained, image_encoder=args.image_encoder, image_encoder_subfolder=sub)
         owned = False
         print(f"weights: U-Net + VAE from '{args.pretrained}', image encoder from '{args.image_encoder}'")
@@ -387,7 +397,11 @@ def main():
     noise_sched = DDPMScheduler.from_config(schedule)
     alphas = noise_sched.alphas_cumprod.to(device)
     params = [p for p in gen.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes
+        opt = bitsandbytes.optim.AdamW8bit(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     # ---- resume
     ckpt_path = os.path.join(args.out, "checkpoint.pt")

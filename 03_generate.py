@@ -10,9 +10,9 @@ For every person id of <data>/bounding_box_train, 5-7 reference images are sampl
 maps/<target_id>.{depth,normal,skeleton}.png; --targets-per-ref draws a subset) with DDIM +
 classifier-free guidance (25 steps, 3.5), using the noise-schedule config the generator was
 trained with. The reference U-Net runs ONCE per reference; its features serve every denoising
-step and every target of that reference. Output: <out>/bounding_box_train/PPPP_c9s1_RRTTTT_00.jpg
-(Market-1501 names under the source pid, camera c9 = common.AUG_CAMERA; RR = reference slot,
-TTTT = target row) + <out>/manifest.csv (file, source, pid, target_id, pose_id, elevation,
+step and every target of that reference. Output: <out>/bounding_box_train/PPPP_cCs0_RRTTTT_00.jpg
+(Market-1501 names that every Re-ID toolkit reads: the source pid and camera, sequence 0, which
+no real image has (common.generated_name); RR = reference slot, TTTT = target row) + <out>/manifest.csv (file, source, pid, target_id, pose_id, elevation,
 azimuth, seed). Images are written atomically; a rerun skips what exists and the manifest only
 ever lists complete images (it matches the folder after every finished run). Split one job
 list over machines/GPUs with --shard i/n and/or torchrun (rank/world). --benchmark N measures
@@ -94,9 +94,10 @@ def read_targets(folder):
 
 
 def make_jobs(train, targets, args):
-    by_pid = {}
-    for path, pid, _ in train:
+    by_pid, camera = {}, {}
+    for path, pid, cam in train:
         by_pid.setdefault(pid, []).append(path)
+        camera[path] = cam
     jobs = []
     for pid in sorted(by_pid):
         rng = np.random.default_rng([args.seed, pid])
@@ -109,7 +110,7 @@ def make_jobs(train, targets, args):
                 rows = sorted(np.random.default_rng([args.seed, pid, r]).choice(len(targets), args.targets_per_ref, replace=False))
             for ti in rows:
                 t = targets[ti]
-                jobs.append(dict(file=f"bounding_box_train/{pid:04d}_c{common.AUG_CAMERA}s1_{r:02d}{ti:04d}_00.jpg",
+                jobs.append(dict(file="bounding_box_train/" + common.generated_name(pid, camera[ref], r * 10_000 + ti),
                                  source=os.path.basename(ref), ref_path=ref, pid=pid, target_id=t["target_id"],
                                  pose_id=t["pose_id"], elevation=t["elevation"], azimuth=t["azimuth"],
                                  seed=int(((args.seed * 1_000_003 + pid) * 100 + r) * 10_000 + ti)))

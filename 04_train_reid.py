@@ -37,6 +37,8 @@ p.add_argument("--extra-count", type=int, default=None,
                help="use only this many generated images: a fixed subset, nested across counts (Table 2)")
 p.add_argument("--out", required=True, help="output folder: model.pt, checkpoint.pt, log.csv, args.json")
 p.add_argument("--no-size-check", action="store_true", help="skip the Market/Duke image-count sanity check")
+p.add_argument("--dataset", choices=["auto", "market1501", "dukemtmc"], default="auto", help="which official image "
+               "counts to check (auto: from the folder name, e.g. Market-1501-v15.09.15 or DukeMTMC-reID)")
 p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18 for CPU demo runs)")
 p.add_argument("--backbone-weights", default="none", help="PATH to a torchvision state dict | imagenet | none")
 p.add_argument("--height", type=int, default=256)
@@ -52,7 +54,7 @@ p.add_argument("--gamma", type=float, default=0.1)
 p.add_argument("--weight-decay", type=float, default=5e-4, help="the paper does not say; torchreid's default")
 p.add_argument("--margin", type=float, default=0.5, help="triplet margin")
 p.add_argument("--max-aug-share", type=float, default=1.0,
-               help="cap on the share of generated images (camera c9) in each identity's K slots")
+               help="cap on the share of generated images (--extra-train) in each identity's K slots")
 p.add_argument("--workers", type=int, default=2)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -169,10 +171,11 @@ def main():
     # -------------------------------------------------------------------------
     # data
     data = common.load_reid_dataset(args.data_root, extra_train=args.extra_train, extra_count=args.extra_count,
-                                    check_sizes=not args.no_size_check)
+                                    check_sizes=not args.no_size_check,
+                                    name=None if args.dataset == "auto" else args.dataset)
     train, n_bad = common.check_images(data["train"], "train images")
     labels = np.array([lab for _, lab, _ in train])
-    is_aug = np.array([cam == common.AUG_CAMERA - 1 for _, _, cam in train])
+    is_aug = np.array([path in data["extra"] for path, _, _ in train])  # from --extra-train, whatever the name
     if master:
         print(f"read {args.data_root}: {len(train)} train images ({is_aug.sum()} generated) of "
               f"{data['num_classes']} identities" + (f"; skipped {n_bad} unreadable" if n_bad else ""))

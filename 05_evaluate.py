@@ -24,6 +24,8 @@ p.add_argument("--model", required=True, help="model.pt written by 04_train_reid
 p.add_argument("--data-root", required=True, help="Market-1501-layout folder")
 p.add_argument("--test-root", help="folder with query/ and bounding_box_test/ if not --data-root (demo: world/shifted)")
 p.add_argument("--no-size-check", action="store_true", help="skip the Market/Duke image-count sanity check")
+p.add_argument("--dataset", choices=["auto", "market1501", "dukemtmc"], default="auto", help="which official image "
+               "counts to check (auto: from the folder name, e.g. Market-1501-v15.09.15 or DukeMTMC-reID)")
 p.add_argument("--name", default=None, help="row name in the results table (default: the model's folder)")
 p.add_argument("--results", default=None, help="results folder (default: <model folder>/../../results)")
 p.add_argument("--flip", action="store_true", help="average features of the image and its mirror")
@@ -65,7 +67,8 @@ def main():
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
 
-    data = common.load_reid_dataset(args.data_root, test_root=args.test_root, check_sizes=not args.no_size_check)
+    data = common.load_reid_dataset(args.data_root, test_root=args.test_root, check_sizes=not args.no_size_check,
+                                    name=None if args.dataset == "auto" else args.dataset)
     query, n_bad_q = common.check_images(data["query"], "query images")
     gallery, n_bad_g = common.check_images(data["gallery"], "gallery images")
     test_root = args.test_root or args.data_root

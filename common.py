@@ -407,15 +407,25 @@ def save_image(path, img):
 def save_npz(path, **arrays):
     atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
 
-# Market-1501: PPPP_cCsS_FFFFFF_NN.jpg, DukeMTMC-reID: PPPP_cC_fFFFFFFF.jpg. Both parse with
-# one regex applied to the BASENAME only (a parent folder like "run1_c2" must not match).
+# Market-1501: PPPP_cCsS_FFFFFF_NN.jpg, DukeMTMC-reID: PPPP_cC_fFFFFFFF.jpg. Both parse with one
+# regex applied to the BASENAME only (a parent folder like "run1_c2" must not match).
+# Generated images (03_generate.py, demo/oracle.py) are named PPPP_cCs0_RRTTTT_00.jpg: the source
+# image's pid and REAL camera (toolkits such as torchreid, fast-reid and the BoT baseline assert
+# the camera range), sequence 0, which no real Market image has. What marks them as generated for
+# our own code is the folder they come from (--extra-train), never the name.
 
-NAME_RE = re.compile(r"^([-\d]+)_c(\d)")
+NAME_RE = re.compile(r"^(-?\d+)_c(\d)")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 # name -> (train ids, train images, query images, gallery images, number of cameras)
 EXPECTED = {"market1501": (751, 12936, 3368, 15913, 6), "dukemtmc": (702, 16522, 2228, 17661, 8)}
 SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
-AUG_CAMERA = 9  # camera id (1-based, as in file names) of generated images: no real camera uses it
+GENERATED_SEQUENCE = 0  # the sequence field of generated Market-style names
+
+
+def generated_name(pid, camid, slot):
+    """Market-1501 name of a generated image: source pid, source camera (0-based camid), sequence
+    0, `slot` a unique number of up to 6 digits (03: reference slot x 10,000 + target row)."""
+    return f"{pid:04d}_c{camid + 1}s{GENERATED_SEQUENCE}_{slot:06d}_00.jpg"
 
 
 def parse_name(path):
@@ -442,12 +452,14 @@ def list_split(folder, junk=True):
 
 def load_reid_dataset(root, test_root=None, extra_train=(), extra_count=None, name=None, check_sizes=True):
     """Returns dict(train=[(path, label, camid)], query=[(path, pid, camid)], gallery=[...],
-    num_classes). Train pids are relabelled 0..C-1 over the sorted integer pids (so labels do
+    num_classes, extra=set of the train paths that came from extra_train). Train pids are relabelled 0..C-1 over the sorted integer pids (so labels do
     not depend on the order of the files). extra_train: folders of generated images in the same
     naming, merged into train under their source pid; extra_count: keep only this many of them,
     a fixed random subset whose smaller counts are prefixes of larger ones (the paper's Table 2
     draws growing numbers from one generated pool). test_root: where query/ and
-    bounding_box_test/ live, if not under root (the demo world's shifted test split)."""
+    bounding_box_test/ live, if not under root (the demo world's shifted test split). name:
+    'market1501' or 'dukemtmc' checks the official image counts; default: recognised from the
+    folder name (market1501*, Market-1501-v15.09.15, DukeMTMC-reID, ...)."""
     if not os.path.isdir(root):
         raise UserError(f"data root '{root}' does not exist: pass the folder that holds "
                         f"bounding_box_train/, query/ and bounding_box_test/")
@@ -455,14 +467,15 @@ def load_reid_dataset(root, test_root=None, extra_train=(), extra_count=None, na
     train = list_split(os.path.join(root, SPLIT_DIRS["train"]))
     query = list_split(os.path.join(test_root, SPLIT_DIRS["query"]))
     gallery = list_split(os.path.join(test_root, SPLIT_DIRS["gallery"]))
-    name = name or os.path.basename(os.path.normpath(root)).lower().replace("-", "")
+    folder = re.sub(r"[^a-z0-9]", "", os.path.basename(os.path.normpath(root)).lower())
+    name = name or next((k for k in EXPECTED if folder.startswith(k)), None)
     if check_sizes and name in EXPECTED:
         n_ids, n_train, n_query, n_gallery, _ = EXPECTED[name]
         got = (len({p for _, p, _ in train}), len(train), len(query), len(gallery))
         if got != (n_ids, n_train, n_query, n_gallery):
             raise UserError(f"data set '{root}' looks incomplete: found {got[0]} train ids / {got[1]} train "
                             f"images, {got[2]} query, {got[3]} gallery images; expected {n_ids} / {n_train}, "
-                            f"{n_query}, {n_gallery} (re-extract the archive)")
+                            f"{n_query}, {n_gallery} (re-extract the archive, or pass --no-size-check for a subset)")
     real_pids = {p for _, p, _ in train}
     extra = []
     for folder in extra_train:
@@ -479,7 +492,8 @@ def load_reid_dataset(root, test_root=None, extra_train=(), extra_count=None, na
     train = train + extra
     pid2label = {pid: i for i, pid in enumerate(sorted(real_pids))}
     train = [(p, pid2label[pid], cam) for p, pid, cam in train]
-    return dict(train=train, query=query, gallery=gallery, num_classes=len(pid2label))
+    return dict(train=train, query=query, gallery=gallery, num_classes=len(pid2label),
+                extra={p for p, _, _ in extra})
 
 
 def check_images(items, what="images"):

@@ -78,22 +78,34 @@ def load_image_tensor(path, size):
 
 def save_pretrained_atomic(model, folder):
     """save_pretrained into a temp dir beside `folder`, then swap it in: an interrupted save never
-    leaves a half-written model folder behind (the old one stays until the new one is complete)."""
+    leaves a half-written model folder behind. The swap is two renames (folder -> folder.old, temp
+    -> folder); a kill between them leaves only folder.old, which recover_folder() (called here and
+    by from_pretrained) moves back, so a resumed run always finds a complete folder."""
     folder = os.path.abspath(folder)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
+    recover_folder(folder)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp_")
     try:
         model.save_pretrained(tmp)
         if os.path.isdir(folder):
-            old = tmp + ".old"
-            os.replace(folder, old)
+            os.replace(folder, folder + ".old")
             os.replace(tmp, folder)
-            shutil.rmtree(old)
+            shutil.rmtree(folder + ".old")
         else:
             os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_folder(folder):
+    """Finish or undo a swap of save_pretrained_atomic that a kill interrupted."""
+    old = os.path.abspath(folder) + ".old"
+    if os.path.isdir(old):
+        if os.path.isdir(folder):
+            shutil.rmtree(old)          # killed after the swap: the new folder is complete
+        else:
+            os.replace(old, folder)     # killed between the renames: the previous folder comes back
 
 
 def from_pretrained(cls, path_or_id, subfolder=None, what="weights"):
@@ -102,6 +114,7 @@ def from_pretrained(cls, path_or_id, subfolder=None, what="weights"):
     The same call loads SD-1.5 ("runwayml/stable-diffusion-v1-5", subfolder "unet") and the
     folders 02 writes."""
     config_name = getattr(cls, "config_name", None) or "config.json"
+    recover_folder(path_or_id)
     where = os.path.join(path_or_id, subfolder) if subfolder else path_or_id
     if os.path.isdir(path_or_id):
         if not os.path.isfile(os.path.join(where, config_name)):
@@ -121,6 +134,19 @@ def from_pretrained(cls, path_or_id, subfolder=None, what="weights"):
     except (OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load {what} from '{where}': {msg}")
+
+
+def has_file(path_or_id, filename):
+    """Whether a local folder, or a hub repo (its local cache under HF_HUB_OFFLINE=1), has this file:
+    how a hub id and a local folder of the same layout get the same treatment."""
+    if os.path.isdir(path_or_id):
+        return os.path.isfile(os.path.join(path_or_id, filename))
+    from huggingface_hub import hf_hub_download
+    try:
+        hf_hub_download(path_or_id, filename)  # a config-sized file; offline it comes from the cache
+        return True
+    except Exception:
+        return False
 
 
 def save_guiders(path, guiders):

@@ -3,7 +3,7 @@
 # runs/<dataset>/. Rerunning resumes: every stage skips or continues work that is done.
 #
 #   bash run_all.sh demo [--tables] [--smoke]   built-in synthetic world, CPU
-#   bash run_all.sh market1501 --data-root DIR --pretrained SD15 --image-encoder CLIP --smpl DIR
+#   bash run_all.sh market1501 --data-root DIR --pretrained SD15 --image-encoder CLIP [--stage1-data DIR]
 #   bash run_all.sh dukemtmc   ...
 #
 # Without --tables: Table 1 rows (I) no augmentation and (VI) Diff-ID, both with every seed.
@@ -15,11 +15,19 @@
 #   --tables              every row of Tables 1 and 2 (longer; it prints the expected time first)
 #   --data-root DIR       Market-1501 / DukeMTMC-reID folder [DATA_ROOT]
 #   --pretrained ID|DIR   Stable Diffusion 1.5 diffusers folder or hub id [PRETRAINED]
-#   --image-encoder ID|DIR  CLIP image encoder (CLIPVisionModelWithProjection) [IMAGE_ENCODER]
-#   --smpl DIR            per-image SMPL params of the training images (smpl/<split>.npz) [SMPL_DIR]
+#   --image-encoder ID|DIR  CLIP image encoder (CLIPVisionModelWithProjection; a repo whose
+#                         image_encoder/ holds it is found too) [IMAGE_ENCODER]
+#   --smpl DIR            per-image SMPL params of the training images (<split>.npz); default:
+#                         estimated here with 01b_estimate_smpl.py (ViTPose + fit) [SMPL_DIR]
+#   --vitpose ID|DIR      ViTPose checkpoint for that estimation [VITPOSE]
+#   --stage1-data DIR     the paper's stage 1: video frames <video_id>/<frame>.jpg (e.g. UBC
+#                         Fashion); their SMPL is estimated here too, or given with
+#                         --stage1-smpl DIR (<video_id>.npz) [STAGE1_DATA, STAGE1_SMPL]
 #   --seeds "0 1 2"       Re-ID seeds per table row [SEEDS]
 #   --device cpu|cuda     [DEVICE]
-#   --smoke               tiny sizes: checks that every stage runs end to end (CI runs it with --tables)
+#   --no-size-check       real data: skip the official image-count check (subsets)
+#   --dry-run             print every stage's command, in order, with every path filled in; run nothing
+#   --smoke               tiny sizes: checks that every stage runs end to end (CI runs it)
 #   RUNS_DIR=DIR          write runs/<dataset>/ under DIR instead of ./runs
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -28,17 +36,23 @@ usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' 
 [ $# -ge 1 ] || usage
 DATASET=$1; shift
 case "$DATASET" in demo|market1501|dukemtmc) ;; -h|--help) usage 0 ;; *) echo "error: unknown data set '$DATASET' (demo, market1501 or dukemtmc)" >&2; exit 2 ;; esac
-SMOKE=0; TABLES=0
+SMOKE=0; TABLES=0; DRY=0; SIZECHECK=1
 DATA_ROOT=${DATA_ROOT:-}; PRETRAINED=${PRETRAINED:-}; IMAGE_ENCODER=${IMAGE_ENCODER:-}; SMPL_DIR=${SMPL_DIR:-}
+VITPOSE=${VITPOSE:-usyd-community/vitpose-base-simple}; STAGE1_DATA=${STAGE1_DATA:-}; STAGE1_SMPL=${STAGE1_SMPL:-}
 SEEDS=${SEEDS:-}; DEVICE=${DEVICE:-}
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
     --tables) TABLES=1 ;;
+    --dry-run) DRY=1 ;;
+    --no-size-check) SIZECHECK=0 ;;
     --data-root) DATA_ROOT=$2; shift ;;
     --pretrained) PRETRAINED=$2; shift ;;
     --image-encoder) IMAGE_ENCODER=$2; shift ;;
     --smpl) SMPL_DIR=$2; shift ;;
+    --vitpose) VITPOSE=$2; shift ;;
+    --stage1-data) STAGE1_DATA=$2; shift ;;
+    --stage1-smpl) STAGE1_SMPL=$2; shift ;;
     --seeds) SEEDS=$2; shift ;;
     --device) DEVICE=$2; shift ;;
     -h|--help) usage 0 ;;
@@ -48,27 +62,52 @@ while [ $# -gt 0 ]; do
 done
 
 # real data sets: check every input before spending hours on the first stage
+VIDEOS=""
 if [ "$DATASET" != demo ]; then
   missing=0
   need() { if [ -z "$2" ] || [ ! -e "$2" ]; then echo "error: $1 '${2:-<not given>}' not found: $3" >&2; missing=1; fi; }
   need "data set (--data-root)" "$DATA_ROOT" "download $DATASET (research use only) and pass the folder holding bounding_box_train/"
-  need "SMPL params (--smpl)" "$SMPL_DIR" "estimate them for the training images with 01b_estimate_smpl.py (keypoints, then fit) and pass its --out folder of smpl/<split>.npz files"
+  [ -z "$SMPL_DIR" ] || need "SMPL params (--smpl)" "$SMPL_DIR" "leave --smpl out to estimate them here, or pass the --out folder of 01b_estimate_smpl.py"
   for v in PRETRAINED IMAGE_ENCODER; do
     if [ -z "${!v}" ]; then echo "error: --$(echo $v | tr A-Z_ a-z-) not given: a diffusers folder or hub id (SD-1.5: runwayml/stable-diffusion-v1-5; image encoder: lambdalabs/sd-image-variations-diffusers)" >&2; missing=1; fi
   done
-  [ $missing = 0 ] || exit 2
+  if [ -n "$STAGE1_DATA" ]; then
+    need "stage-1 videos (--stage1-data)" "$STAGE1_DATA" "pass a folder of <video_id>/<frame>.jpg"
+    if [ -d "$STAGE1_DATA" ]; then
+      for d in "$STAGE1_DATA"/*/; do  # videos: subfolders with frames
+        [ -d "$d" ] && ls "$d" | grep -qiE '\.(jpg|jpeg|png)$' && VIDEOS="$VIDEOS $(basename "$d")"
+      done
+      [ -n "$VIDEOS" ] || { echo "error: stage-1 videos (--stage1-data) '$STAGE1_DATA' has no <video_id>/ folders with .jpg/.png frames" >&2; missing=1; }
+    fi
+    if [ -n "$STAGE1_SMPL" ]; then
+      for v in $VIDEOS; do
+        [ -f "$STAGE1_SMPL/$v.npz" ] || { echo "error: stage-1 SMPL params '$STAGE1_SMPL/$v.npz' not found: leave --stage1-smpl out to estimate them here" >&2; missing=1; break; }
+      done
+    fi
+  fi
+  if [ $missing = 1 ] && [ $DRY = 0 ]; then exit 2; fi
+  [ $missing = 0 ] || echo "(dry run: the commands below use the paths as given)" >&2
+  [ -z "$STAGE1_DATA" ] || [ -n "$VIDEOS" ] || VIDEOS="VIDEO_ID..."  # dry run before the videos are there
 fi
 
-source ./setup.sh
-set -euo pipefail
+if [ $DRY = 0 ]; then
+  source ./setup.sh
+  set -euo pipefail
+fi
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-$([ "$DATASET" = demo ] && echo 1 || echo 0)}
 
 RUN=${RUNS_DIR:-runs}/$DATASET$([ $SMOKE = 1 ] && echo -smoke || true)   # RUNS_DIR: put runs/ elsewhere
-mkdir -p "$RUN/results"
 TIMES=$RUN/results/stage_times.csv
-[ -f "$TIMES" ] || echo "stage,seconds" > "$TIMES"
+if [ $DRY = 0 ]; then
+  mkdir -p "$RUN/results"
+  [ -f "$TIMES" ] || echo "stage,seconds" > "$TIMES"
+else
+  echo "# the stage commands of 'bash run_all.sh $DATASET', in order (run them in the repository root, in its venv:"
+  echo "# source setup.sh; HF_HUB_OFFLINE=$HF_HUB_OFFLINE)"
+fi
 stage() {  # [DONE_IF=OUT:IN] stage NAME SCRIPT ARGS...: run a stage script (unless OUT is newer than IN), time it
   local name=$1 script=$2; shift 2
+  if [ $DRY = 1 ]; then printf 'python %s' "$script"; printf ' %q' "$@"; echo; return; fi
   if [ ! -f "$script" ]; then echo "== $name: $script is not built yet; stopping here"; exit 0; fi
   if [ -n "${DONE_IF:-}" ] && [ "${DONE_IF%%:*}" -nt "${DONE_IF#*:}" ]; then echo "== $name: done (${DONE_IF%%:*})"; return; fi
   echo "== $name: python $script $*"
@@ -105,31 +144,65 @@ if [ "$DATASET" = demo ]; then
     REID=(--arch resnet18 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 16 --K 4 --iters 800 --max-aug-share 0.5)
     SEEDS=${SEEDS:-0 1 2}
     # the sums of the stage times of the recorded --tables run (README, "Results on the demo world")
-    echo "expected time: about $([ $TABLES = 1 ] && echo 85 || echo 35) minutes on a 2-core CPU (rerunning resumes)"
+    [ $DRY = 1 ] || echo "expected time: about $([ $TABLES = 1 ] && echo 85 || echo 35) minutes on a 2-core CPU (rerunning resumes)"
   fi
   DATA_ROOT=$RUN/world
   SPLITS="same:$DATA_ROOT shifted:$DATA_ROOT/shifted"
-  NOCHECK=--no-size-check
+  NOCHECK=(--no-size-check)
   stage world demo/world.py --out "$DATA_ROOT" "${WORLD[@]}"
   stage conditions 01_render_smpl.py conditions --data "$DATA_ROOT" --out "$RUN/conditions"
 else
-  # the paper's settings: 192x384 generator, 20 target poses x 4 viewpoints (65-70 per reference),
-  # ResNet50 from ImageNet, P=32 K=8, 20k iterations
-  SIZE=192x384
+  # the paper's settings: 192x384 generator (stage 1 at 768x768), 20 target poses x 4 viewpoints
+  # (65-70 per reference), ResNet50 from ImageNet, P=32 K=8, 20k iterations
+  SIZE=192x384; SIZE1=768x768
+  AMP=$([ "${DEVICE:-cuda}" = cpu ] && true || echo --amp)
   TARGETS=(--num-poses 20 --views-per-pose 4)
-  GEN=(--pretrained "$PRETRAINED" --image-encoder "$IMAGE_ENCODER" --amp --steps ${GEN_STEPS:-30000} --skip-missing-conditions)
-  [ -d "$IMAGE_ENCODER/image_encoder" ] && GEN+=(--image-encoder-subfolder image_encoder)
+  FIT=(); STAGE1=(--steps ${STAGE1_STEPS:-30000} --batch-size 2)
+  GEN=(--steps ${GEN_STEPS:-30000} --skip-missing-conditions $AMP)
   # (VI) draws its images from an 80k pool like the paper's; Table 2 sweeps nested subsets of it
   ADD=$([ "$DATASET" = market1501 ] && echo 45500 || echo 49000)
-  GENERATE=(--refs-per-pid 5-7 --targets-per-ref 70 --amp --num-images $ADD)
-  GENERATE_VI=(--refs-per-pid 5-7 --targets-per-ref 70 --amp --num-images 80000)
-  REID=(--backbone-weights "${RESNET_WEIGHTS:-imagenet}" ${AMP:+--amp})
+  GENERATE=(--refs-per-pid 5-7 --targets-per-ref 70 $AMP --num-images $ADD)
+  GENERATE_VI=(--refs-per-pid 5-7 --targets-per-ref 70 $AMP --num-images 80000)
+  REID=(--backbone-weights "${RESNET_WEIGHTS:-imagenet}" $AMP)
   SWEEP="3500 7000 14000 21000 28000 35000 42000 56000"
+  if [ $SMOKE = 1 ]; then  # tiny sizes: the tests run the real-data flow with tiny weights
+    SIZE=64x128; SIZE1=64x64; TARGETS=(--num-poses 2 --views-per-pose 1)
+    FIT=(--steps 8 --inits 2 --batch 64 --min-score 0); STAGE1=(--steps 2 --batch-size 2 --sample-every 0 --save-every 2)
+    GEN=(--steps 2 --batch-size 2 --sample-every 0 --save-every 2 --skip-missing-conditions)
+    ADD=""; GENERATE=(--refs-per-pid 1 --targets-per-ref 1 --steps 2); GENERATE_VI=(--refs-per-pid 1 --targets-per-ref 2 --steps 2)
+    REID=(--backbone-weights none --arch resnet18 --height 64 --width 32 --P 4 --K 2 --iters 2 --workers 0); SWEEP="2"
+  fi
   SEEDS=${SEEDS:-0}
   SPLITS="same:$DATA_ROOT"
-  NOCHECK=
-  mkdir -p "$RUN"
+  NOCHECK=$([ $SIZECHECK = 1 ] && echo "--dataset $DATASET" || echo --no-size-check); NOCHECK=($NOCHECK)
+  if [ -z "$SMPL_DIR" ]; then  # SMPL of the training photos: ViTPose keypoints, then the SMPLify-style fit
+    SMPL_DIR=$RUN/smpl
+    DONE_IF=$SMPL_DIR/bounding_box_train.keypoints.npz:$DATA_ROOT/bounding_box_train stage "smpl keypoints" \
+      01b_estimate_smpl.py keypoints --data "$DATA_ROOT" --out "$SMPL_DIR" --model "$VITPOSE"
+    DONE_IF=$SMPL_DIR/bounding_box_train.npz:$SMPL_DIR/bounding_box_train.keypoints.npz stage "smpl fit" \
+      01b_estimate_smpl.py fit --out "$SMPL_DIR" "${FIT[@]}"
+  fi
   stage conditions 01_render_smpl.py conditions --data "$DATA_ROOT" --smpl "$SMPL_DIR" --out "$RUN/conditions" --size $SIZE
+  if [ -n "$STAGE1_DATA" ]; then  # the paper's stage 1: SD-1.5 -> video frames (pose transfer within a video)
+    if [ -z "$STAGE1_SMPL" ]; then
+      STAGE1_SMPL=$RUN/stage1/smpl
+      DONE_IF=$STAGE1_SMPL/keypoints.done:$STAGE1_DATA stage "stage-1 smpl keypoints" \
+        01b_estimate_smpl.py keypoints --data "$STAGE1_DATA" --splits $VIDEOS --out "$STAGE1_SMPL" --model "$VITPOSE"
+      [ $DRY = 1 ] || touch "$STAGE1_SMPL/keypoints.done"
+      DONE_IF=$STAGE1_SMPL/fit.done:$STAGE1_SMPL/keypoints.done stage "stage-1 smpl fit" \
+        01b_estimate_smpl.py fit --out "$STAGE1_SMPL" --splits $VIDEOS "${FIT[@]}"
+      [ $DRY = 1 ] || touch "$STAGE1_SMPL/fit.done"
+    fi
+    stage "stage-1 conditions" 01_render_smpl.py conditions --data "$STAGE1_DATA" --smpl "$STAGE1_SMPL" --splits $VIDEOS \
+      --out "$RUN/stage1/conditions" --size $SIZE1
+    stage "generator stage 1" 02_train_generator.py --stage 1 --data "$STAGE1_DATA" --conditions "$RUN/stage1/conditions" \
+      --out "$RUN/generator_stage1" --pretrained "$PRETRAINED" --image-encoder "$IMAGE_ENCODER" --resolution $SIZE1 \
+      "${STAGE1[@]}" --skip-missing-conditions $AMP ${DEVICE:+--device $DEVICE}
+    GEN=(--init "$RUN/generator_stage1" "${GEN[@]}")
+  else
+    [ $DRY = 1 ] || echo "note: no --stage1-data: the generator starts from '$PRETRAINED' directly, skipping the paper's stage 1 (training on fashion videos first)"
+    GEN=(--pretrained "$PRETRAINED" --image-encoder "$IMAGE_ENCODER" "${GEN[@]}")
+  fi
 fi
 
 for v in $VARIANTS; do
@@ -162,20 +235,20 @@ for v in $ROWS; do
     extra=(); [ $v = base ] || extra=(--extra-train "$RUN/augmented/${v%_n*}/bounding_box_train")
     case $v in vi_n*) extra+=(--extra-count ${v#vi_n}) ;; vi) [ -n "${ADD:-}" ] && extra+=(--extra-count $ADD) ;; esac
     stage "reid $v" 04_train_reid.py --data-root "$DATA_ROOT" --out "$RUN/reid/${v}_s$seed" --seed $seed \
-      "${extra[@]}" "${REID[@]}" $NOCHECK ${DEVICE:+--device $DEVICE}
+      "${extra[@]}" "${REID[@]}" "${NOCHECK[@]}" ${DEVICE:+--device $DEVICE}
     for sp in $SPLITS; do
       name=${v}_s${seed}_${sp%%:*}
       DONE_IF=$RUN/results/$name.json:$RUN/reid/${v}_s$seed/model.pt stage "evaluate" 05_evaluate.py --model "$RUN/reid/${v}_s$seed/model.pt" --data-root "$DATA_ROOT" \
         --test-root "${sp#*:}" --name "$name" --variant $v --seed $seed --split "${sp%%:*}" \
-        --results "$RUN/results" $NOCHECK ${DEVICE:+--device $DEVICE}
+        --results "$RUN/results" "${NOCHECK[@]}" ${DEVICE:+--device $DEVICE}
     done
   done
 done
-if [ "$DATASET" = demo ] && [ $SMOKE = 0 ] && [ $TABLES = 1 ]; then
-  # the README shows the last full demo run: its table, and the figures it references
-  python tools/summarize.py "$RUN/results" --readme README.md
-  mkdir -p docs/demo && cp "$RUN"/results/figures/*.png docs/demo/ && echo "copied the figures to docs/demo/"
-else
-  python tools/summarize.py "$RUN/results"
-fi
+SUMMARY=(tools/summarize.py "$RUN/results")
+# the README shows the last full demo run: its table, and the figures it references
+README=$([ "$DATASET" = demo ] && [ $SMOKE = 0 ] && [ $TABLES = 1 ] && echo 1 || echo 0)
+[ $README = 0 ] || SUMMARY+=(--readme README.md)
+if [ $DRY = 1 ]; then printf 'python'; printf ' %q' "${SUMMARY[@]}"; echo; exit 0; fi
+python "${SUMMARY[@]}"
+[ $README = 0 ] || { mkdir -p docs/demo && cp "$RUN"/results/figures/*.png docs/demo/ && echo "copied the figures to docs/demo/"; }
 echo "done: $RUN/results/summary.md (stage times in $TIMES)"

@@ -37,6 +37,7 @@ HAIRS = [(25, 20, 15), (75, 50, 30), (150, 110, 65), (195, 165, 110), (115, 115,
 ACCENTS = [(240, 200, 20), (20, 170, 200), (230, 110, 20), (150, 30, 160), (250, 250, 250), (200, 30, 30)]
 TRAIN_CAMS = {1: 9.0, 2: 11.0, 3: 13.0}   # camera -> elevation (degrees), +-1 jitter per image
 SHIFTED_CAMS = (4, 5, 6)                   # diverse viewpoints and poses
+ORACLE_CAM = 9                             # the oracle's own camera style: a look no split has
 
 
 def sample_identity(rng, pid, split):
@@ -290,11 +291,11 @@ def build_world(args):
     rng = np.random.default_rng(args.seed)
     idents = [sample_identity(rng, p, "train") for p in range(1, n_train + 1)]
     idents += [sample_identity(rng, p, "test") for p in range(n_train + 1, n_train + n_test + 1)]
-    styles = [camera_style(rng, f"c{cam}") for cam in (*TRAIN_CAMS, *SHIFTED_CAMS, common.AUG_CAMERA)]
+    styles = [camera_style(rng, f"c{cam}") for cam in (*TRAIN_CAMS, *SHIFTED_CAMS, ORACLE_CAM)]
     meta = dict(format="diff-id demo world v1", seed=args.seed, model=os.path.basename(args.smpl_model or OPEN_BODY),
                 config=dict(size=[H, W], train_ids=n_train, test_ids=n_test, images_per_camera=k,
                             train_cameras={str(c): e for c, e in TRAIN_CAMS.items()},
-                            shifted_cameras=list(SHIFTED_CAMS), oracle_style=f"c{common.AUG_CAMERA}"),
+                            shifted_cameras=list(SHIFTED_CAMS), oracle_style=f"c{ORACLE_CAM}"),
                 styles=styles, identities=idents)
     old = os.path.join(args.out, "identities.json")
     if os.path.exists(old) and not args.overwrite:

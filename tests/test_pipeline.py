@@ -4,7 +4,9 @@ import csv
 import json
 import subprocess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from stages import ROOT  # noqa: E402  (puts the repository root on sys.path)
+import common  # noqa: E402
+
 ROWS = ["(I) no augmentation", "(II) in-distribution poses and viewpoints", "(III) out-of-distribution poses",
         "(IV) uniform viewpoints", "(VI) both = Diff-ID", "ORACLE: (VI)'s jobs rendered as ground truth"]
 
@@ -27,7 +29,8 @@ def test_run_all_demo_smoke(tmp_path):
         rows = list(csv.DictReader(open(run / "augmented" / v / "manifest.csv")))
         files = sorted(os.listdir(run / "augmented" / v / "bounding_box_train"))
         assert rows and sorted(os.path.basename(x["file"]) for x in rows) == files
-        assert all("_c9s1_" in f for f in files)
+        by_file = {os.path.basename(x["file"]): x for x in rows}  # source pid and camera, sequence 0
+        assert all(common.parse_name(f) == common.parse_name(by_file[f]["source"]) and "s0_" in f for f in files)
     oracle = sorted(os.listdir(run / "augmented" / "oracle" / "bounding_box_train"))
     assert oracle == sorted(os.listdir(run / "augmented" / "vi" / "bounding_box_train"))
     fid = json.loads((run / "results" / "fidelity.json").read_text())

@@ -69,6 +69,18 @@ def test_parse_name_uses_basename_only():
     assert common.parse_name("-1_c3s1_000001_00.jpg") == (-1, 2)
     with pytest.raises(common.UserError, match="holiday.jpg"):
         common.parse_name("/x/0001_c1/holiday.jpg")
+    with pytest.raises(common.UserError, match="1-2_c1s1_000001_00.jpg"):  # toolkits' [-\d]+ would take "1-2"
+        common.parse_name("1-2_c1s1_000001_00.jpg")
+    # a generated image: the source's pid and camera, sequence 0
+    assert common.generated_name(7, 4, 30012) == "0007_c5s0_030012_00.jpg"
+    assert common.parse_name(common.generated_name(7, 4, 30012)) == (7, 4)
+
+
+def test_bad_name_in_a_split_is_one_line(tmp_path):
+    root = make_market(tmp_path / "data")
+    common.save_image(str(root / "bounding_box_train" / "1-2_c1s1_000001_00.jpg"), np.zeros((8, 4, 3), np.uint8))
+    r = run("04_train_reid.py", "--data-root", root, "--out", tmp_path / "o", "--no-size-check", check=False)
+    assert r.returncode == 2 and "1-2_c1s1_000001_00.jpg" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_dataset_relabel_junk_distractor_and_extra(tmp_path):

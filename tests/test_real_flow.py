@@ -1,0 +1,210 @@
+"""
+`bash run_all.sh market1501 / dukemtmc` end to end, offline, on tiny data and tiny weights: the flow a
+user runs on GPUs. The weights live in a local Hugging Face cache laid out as the hub's repos are
+(HF_HOME, HF_HUB_OFFLINE=1), so hub ids resolve exactly as they would online; the same repos are
+also passed as local folders. SMPL is estimated in the run (a tiny ViTPose under the default
+model id), the paper's stage 1 runs on two tiny videos, and every generated name is read with the
+parsing rules of the Re-ID toolkits users train with.
+"""
+import os
+import re
+import csv
+import glob
+import json
+import sys
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from stages import ROOT  # noqa: E402  (puts the repository root on sys.path)
+import common  # noqa: E402
+
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the hub cache names snapshots
+# the tiny SD repo's own noise schedule differs from SD-1.5's, so a run that fell back to the
+# built-in values would show
+OWN_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.001, beta_end=0.02, beta_schedule="linear",
+                    prediction_type="epsilon", clip_sample=False, steps_offset=1)
+RUNS = {}  # (dataset, source) -> run folder, shared by the tests below
+
+
+def hub_repo(home, repo_id):
+    """The folder a hub repo's files sit in inside an HF cache: hub/models--org--name/snapshots/<hash>/."""
+    d = os.path.join(home, "hub", "models--" + repo_id.replace("/", "--"))
+    os.makedirs(os.path.join(d, "refs"), exist_ok=True)
+    with open(os.path.join(d, "refs", "main"), "w") as f:
+        f.write(SNAPSHOT)
+    return os.path.join(d, "snapshots", SNAPSHOT)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """HF_HOME with tiny 'runwayml/stable-diffusion-v1-5' (unet/ vae/ scheduler/), an image encoder
+    repo with image_encoder/ (like lambdalabs/sd-image-variations-diffusers) and a COCO-17 ViTPose
+    under 01b's default id."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection, VitPoseBackboneConfig, VitPoseConfig,
+                              VitPoseForPoseEstimation, VitPoseImageProcessor)
+    home = str(tmp_path_factory.mktemp("hf"))
+    torch.manual_seed(0)
+    sd = hub_repo(home, "tiny/stable-diffusion")
+    UNet2DConditionModel(sample_size=(16, 8), layers_per_block=1, block_out_channels=(16, 32),
+                         down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+                         cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8).save_pretrained(f"{sd}/unet")
+    AutoencoderKL(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                  norm_num_groups=4, sample_size=64).save_pretrained(f"{sd}/vae")  # factor 8, like SD's
+    DDPMScheduler.from_config(OWN_SCHEDULE).save_pretrained(f"{sd}/scheduler")
+    enc = hub_repo(home, "tiny/image-variations")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=16, patch_size=8,
+                                                   projection_dim=16)).save_pretrained(f"{enc}/image_encoder")
+    vp = hub_repo(home, "usyd-community/vitpose-base-simple")
+    bb = VitPoseBackboneConfig(image_size=[64, 48], patch_size=[16, 16], hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, mlp_ratio=2, out_indices=[2])
+    VitPoseForPoseEstimation(VitPoseConfig(backbone_config=bb, num_labels=17)).save_pretrained(vp)
+    VitPoseImageProcessor(size={"height": 64, "width": 48}).save_pretrained(vp)
+    return dict(home=home, sd=sd, enc=enc)
+
+
+def env(hub):
+    return dict(os.environ, HF_HOME=hub["home"], HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="",
+                OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Tiny Market-1501 and DukeMTMC-reID folders (the demo world's people, renamed for Duke with
+    cameras 6-8, which Market does not have) and two 'videos' of frames for stage 1."""
+    root = tmp_path_factory.mktemp("data")
+    world = root / "world"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "demo", "world.py"), "--out", str(world), "--small", "--workers", "1"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    market, duke = root / "Market-1501-v15.09.15", root / "DukeMTMC-reID"
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        shutil.copytree(world / split, market / split)
+        os.makedirs(duke / split)
+        for i, f in enumerate(sorted(os.listdir(world / split))):
+            pid, cam = common.parse_name(f)
+            shutil.copy(world / split / f, duke / split / f"{pid:04d}_c{cam + 6}_f{i:07d}.jpg")
+    videos = root / "videos"
+    for vid, pid in (("vidA", 1), ("vidB", 2)):
+        frames = sorted(glob.glob(str(world / "bounding_box_train" / f"{pid:04d}_*.jpg")))[:4]
+        for k, f in enumerate(frames):
+            os.makedirs(videos / vid, exist_ok=True)
+            shutil.copy(f, videos / vid / f"{k:04d}.jpg")
+    return dict(market1501=str(market), dukemtmc=str(duke), videos=str(videos))
+
+
+def run_all(dataset, data, hub, runs, source, *extra):
+    sd, enc = ("tiny/stable-diffusion", "tiny/image-variations") if source == "hub" else (hub["sd"], hub["enc"])
+    args = ["bash", os.path.join(ROOT, "run_all.sh"), dataset, "--data-root", data[dataset], "--pretrained", sd,
+            "--image-encoder", enc, "--device", "cpu", "--smoke", "--no-size-check", *extra]
+    return subprocess.run(args, capture_output=True, text=True, env=dict(env(hub), RUNS_DIR=str(runs)), cwd=ROOT)
+
+
+def toolkit_parse(folder, dataset):
+    """What torchreid (torchreid/data/datasets/image/market1501.py, dukemtmcreid.py), fast-reid
+    (fastreid/data/datasets/market1501.py) and the BoT baseline (reid-strong-baseline,
+    data/datasets/market1501.py) do with a folder: glob *.jpg, search the FULL path with
+    ([-\\d]+)_c(\\d), assert 0 <= pid <= 1501 (Market) and 1 <= camid <= 6 (Market) / 8 (Duke)."""
+    pattern = re.compile(r'([-\d]+)_c(\d)')
+    out = []
+    for img_path in glob.glob(os.path.join(folder, "*.jpg")):
+        pid, camid = map(int, pattern.search(img_path).groups())
+        assert 0 <= pid <= 1501
+        assert 1 <= camid <= (6 if dataset == "market1501" else 8), img_path
+        out.append((os.path.basename(img_path), pid, camid - 1))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("dataset,source", [("market1501", "hub"), ("market1501", "local"), ("dukemtmc", "hub"),
+                                            ("dukemtmc", "local")])
+def test_run_all_real_data_offline(dataset, source, data, hub, tmp_path):
+    stage1 = ("--stage1-data", data["videos"]) if (dataset, source) == ("market1501", "hub") else ()
+    r = run_all(dataset, data, hub, tmp_path, source, *stage1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / f"{dataset}-smoke"
+    RUNS[dataset, source] = run
+    # SMPL estimated in the run, with the ViTPose of 01b's default id (from the cache)
+    with np.load(run / "smpl" / "bounding_box_train.keypoints.npz") as z:
+        assert str(z["model"]) == "usyd-community/vitpose-base-simple"
+    assert (run / "smpl" / "bounding_box_train.npz").is_file() and os.listdir(run / "conditions" / "bounding_box_train")
+    # the noise schedule trained and sampled with is the pretrained repo's own, not SD-1.5's built-in values
+    sched = json.load(open(run / "generator" / "scheduler" / "scheduler_config.json"))
+    assert {k: sched[k] for k in OWN_SCHEDULE} == OWN_SCHEDULE
+    gargs = json.load(open(run / "generator" / "args.json"))
+    if stage1:  # stage 1 on the videos from the pretrained weights, then stage 2 from stage 1
+        s1 = json.load(open(run / "generator_stage1" / "args.json"))
+        assert s1["stage"] == 1 and s1["pretrained"] == "tiny/stable-diffusion" and s1["image_encoder_subfolder"] == "image_encoder"
+        assert os.path.isdir(run / "stage1" / "conditions" / "vidA") and gargs["init"].endswith("generator_stage1")
+        assert "skipping the paper's stage 1" not in r.stdout
+    else:
+        assert gargs["pretrained"] in ("tiny/stable-diffusion", hub["sd"]) and gargs["image_encoder_subfolder"] == "image_encoder"
+        assert "skipping the paper's stage 1" in r.stdout
+    # every generated name reads in the toolkits, under the source image's pid and camera
+    aug = run / "augmented" / "vi" / "bounding_box_train"
+    parsed = toolkit_parse(str(aug), dataset)
+    rows = {os.path.basename(x["file"]): x for x in csv.DictReader(open(run / "augmented" / "vi" / "manifest.csv"))}
+    assert parsed and sorted(rows) == [p[0] for p in parsed]
+    for name, pid, camid in parsed:
+        assert (pid, camid) == common.parse_name(rows[name]["source"]) and "s0_" in name
+    # 04 tells generated from real images by the folder they come from, not by the name
+    d = common.load_reid_dataset(data[dataset], extra_train=[str(aug)], check_sizes=False)
+    assert d["extra"] == {str(aug / n) for n, _, _ in parsed}
+    summary = (run / "results" / "summary.md").read_text()
+    assert "| (I) no augmentation |" in summary and "| (VI) both = Diff-ID |" in summary
+
+
+def test_dry_run_commands_give_the_same_files(data, hub, tmp_path):
+    ref = RUNS.get(("market1501", "local"))
+    if ref is None:
+        pytest.skip("needs the market1501 / local folders run of the test above")
+    r = run_all("market1501", data, hub, tmp_path, "local", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    cmds = [l for l in r.stdout.splitlines() if l.startswith("python ")]
+    assert [c.split()[1] for c in cmds[:4]] == ["01b_estimate_smpl.py", "01b_estimate_smpl.py", "01_render_smpl.py",
+                                                "01_render_smpl.py"]
+    assert not (tmp_path / "market1501-smoke").exists()  # a dry run writes nothing
+    for c in cmds:  # a user copying the commands into a shell, one by one
+        p = subprocess.run(["bash", "-c", c], capture_output=True, text=True, env=env(hub), cwd=ROOT)
+        assert p.returncode == 0, (c, p.stderr[-2000:])
+    mine = tmp_path / "market1501-smoke"
+    for sub in ("smpl", "conditions", "targets", "augmented"):
+        a = sorted(os.path.relpath(f, ref) for f in glob.glob(str(ref / sub / "**" / "*.*"), recursive=True))
+        b = sorted(os.path.relpath(f, mine) for f in glob.glob(str(mine / sub / "**" / "*.*"), recursive=True))
+        assert a == b and a, sub
+        for f in a:
+            if f.endswith(".npz"):  # zip members carry a timestamp: compare the arrays
+                za, zb = np.load(ref / f), np.load(mine / f)
+                assert all(np.array_equal(za[k], zb[k]) for k in za.files), f
+            else:
+                assert (ref / f).read_bytes() == (mine / f).read_bytes(), f
+    for f in glob.glob(str(ref / "results" / "*_s0_same.json")):
+        x, y = json.load(open(f)), json.load(open(mine / "results" / os.path.basename(f)))
+        assert {k: x[k] for k in ("mAP", "R1", "mINP")} == {k: y[k] for k in ("mAP", "R1", "mINP")}
+
+
+def test_missing_inputs_one_line(data, hub, tmp_path):
+    r = run_all("market1501", data, hub, tmp_path, "hub", "--stage1-data", str(tmp_path / "no_videos"))
+    assert r.returncode == 2 and "stage-1 videos (--stage1-data)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_all("market1501", data, hub, tmp_path, "hub", "--stage1-data", data["videos"], "--stage1-smpl", str(tmp_path))
+    assert r.returncode == 2 and "vidA.npz' not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_market_folder_names_are_recognised(tmp_path):
+    os.makedirs(tmp_path / "Market-1501-v15.09.15" / "bounding_box_train")
+    for split in ("query", "bounding_box_test"):
+        os.makedirs(tmp_path / "Market-1501-v15.09.15" / split)
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        common.save_image(str(tmp_path / "Market-1501-v15.09.15" / split / "0002_c1s1_000451_03.jpg"),
+                          np.zeros((8, 4, 3), np.uint8))
+    with pytest.raises(common.UserError, match="looks incomplete.*expected 751"):  # the official archive's name
+        common.load_reid_dataset(str(tmp_path / "Market-1501-v15.09.15"))
+    os.rename(tmp_path / "Market-1501-v15.09.15", tmp_path / "data")
+    common.load_reid_dataset(str(tmp_path / "data"))  # a neutral name: no check unless asked for ...
+    with pytest.raises(common.UserError, match="expected 702"):  # ... by name (04/05 --dataset)
+        common.load_reid_dataset(str(tmp_path / "data"), name="dukemtmc")
