@@ -510,7 +510,11 @@ def main():
         if is_main and (done % args.save_every == 0 or done == args.steps):
             save(done)
     if ddp:
-        torch.distributed.barrier()
+        diff = common.ranks_weight_difference(gen)
+        if is_main:
+            print(f"{world} ranks hold identical weights" if diff == 0 else f"ranks differ by {diff:.3g}")
+        if diff:
+            raise RuntimeError(f"the {world} DDP ranks ended with different weights (max difference {diff:.3g})")
         torch.distributed.destroy_process_group()
     if is_main:
         print(f"wrote '{args.out}': reference_unet/, denoising_unet/, guiders.safetensors, scheduler/, "

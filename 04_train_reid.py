@@ -287,6 +287,11 @@ def main():
         common.atomic_write(out, lambda tmp: torch.save(state, tmp))
         print(f"wrote {out} ({it} iterations, {time.time() - t0:.0f} s), {log_path}, {ckpt_path}")
     if world > 1:
+        diff = common.ranks_weight_difference(model)
+        if master:
+            print(f"{world} ranks hold identical weights" if diff == 0 else f"ranks differ by {diff:.3g}")
+        if diff:
+            raise RuntimeError(f"the {world} DDP ranks ended with different weights (max difference {diff:.3g})")
         torch.distributed.destroy_process_group()
 
 

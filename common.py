@@ -357,6 +357,17 @@ def run_main(main):
         sys.exit(2)
 
 
+def ranks_weight_difference(module):
+    """Under DDP every rank must end with the same weights (a rank whose gradients were not
+    averaged with the others' trains a model of its own). -> the largest difference between the
+    ranks' per-tensor sums and sums of squares (0.0 when they hold identical weights)."""
+    p = [q.detach().double() for q in module.parameters()]
+    v = torch.stack([q.sum() for q in p] + [(q * q).sum() for q in p])
+    everyone = [torch.zeros_like(v) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(everyone, v)
+    return float(torch.stack(everyone).amax(0).sub(torch.stack(everyone).amin(0)).max())
+
+
 def atomic_write(path, write_fn, suffix=None):
     """Write a file via a temp file in the same folder + rename, so an interrupted run never
     leaves a truncated file. write_fn(tmp_path) does the writing; suffix keeps the extension

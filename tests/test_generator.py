@@ -3,7 +3,9 @@ resume, 03 generation with the reference cache, sharding, rerun after a kill, ba
 Tiny models built from configs, tiny data made here; offline (HF_HUB_OFFLINE=1), CPU only."""
 import os
 import sys
+import re
 import csv
+import json
 import copy
 import shutil
 import importlib.util
@@ -404,10 +406,46 @@ def test_03_kill_rerun_and_shards_match_a_straight_run(world, trained, tmp_path)
         r = script("03_generate.py", *gen_args(world, trained["a"], c, "--steps", 10, "--shard", f"{i}/2"))
         assert r.returncode == 0, r.stderr[-3000:]
     assert listing(c) == (files_a, man_a)
+    # torchrun ranks x shards (2 x 2 parts): every image written exactly once, by one part
+    e, made = str(tmp_path / "e"), 0
+    for i in range(2):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(29541 + i), os.path.join(ROOT, "03_generate.py"),
+                            *map(str, gen_args(world, trained["a"], e, "--steps", 10, "--shard", f"{i}/2"))],
+                           env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        parts = re.findall(r"this part (\d+)/4: \d+, \d+ already there, (\d+) to generate", r.stdout)
+        assert sorted(int(p) for p, _ in parts) == [2 * i, 2 * i + 1]
+        made += sum(int(n) for _, n in parts)
+    assert listing(e) == (files_a, man_a) and made == len(files_a)
     # --num-images caps what is added
     d = str(tmp_path / "d")
     r = script("03_generate.py", *gen_args(world, trained["a"], d, "--steps", 2, "--num-images", 7))
     assert r.returncode == 0 and len(listing(d)[0]) == 7
+
+
+def test_02_ddp_two_processes_train_one_model(world, tmp_path):
+    out = str(tmp_path / "ddp")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
+                        os.path.join(ROOT, "02_train_generator.py"), *map(str, train_args(world, out, 2, "--device", "cpu"))],
+                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 ranks hold identical weights" in r.stdout and read_ckpt(out)["step"] == 2
+
+
+@pytest.mark.parametrize("what", ["generator", "reid"])
+def test_ddp_averages_the_ranks_gradients(what, tmp_path):
+    """The project's networks under DDP (2 gloo processes, tests/ddp_worker.py): the gradient is the
+    mean of the ranks' own gradients, the ranks' own gradients differ, and after a step the ranks
+    hold the same weights."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29561" if what == "generator" else "29562", os.path.join(ROOT, "tests", "ddp_worker.py"),
+                        what, str(tmp_path)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        res = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert res["checked"] > 10 and res["max_rel_err_vs_mean_of_local"] < 1e-4, res
+        assert res["local_grads_differ"] > 0 and res["weight_difference"] == 0.0, res
 
 
 def test_fidelity_metrics_and_controls(world, tmp_path):

@@ -359,6 +359,7 @@ def test_ddp_two_processes_cpu(tmp_path):
                         "--iters", "4", "--device", "cpu", *TINY], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(out / "model.pt", weights_only=False)["iterations"] == 4
+    assert "2 ranks hold identical weights" in r.stdout  # the ranks trained one model, not two
 
 
 def test_summarize_mean_and_spread_into_readme(tmp_path):
