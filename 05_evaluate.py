@@ -38,34 +38,11 @@ p.add_argument("--seed", type=int, default=None, help="Re-ID seed of this model,
 p.add_argument("--split", default="same", help="test split label, e.g. same / shifted (demo world)")
 
 
-def extract(model, items, args, device, height, width):
-    import torch
-    import torchvision.transforms as T
-    from tqdm import tqdm
-    transform = T.Compose([T.Resize((height, width)), T.ToTensor(), T.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD)])
-    loader = torch.utils.data.DataLoader(models.ImageDataset(items, transform), batch_size=args.batch_size,
-                                         num_workers=args.workers, shuffle=False)
-    feats = []
-    with torch.no_grad():
-        for x, _, _ in tqdm(loader, desc="features", leave=False, mininterval=1.0):
-            x = x.to(device)
-            f = model(x)[0]
-            if args.flip:
-                f = (f + model(x.flip(3))[0]) / 2
-            feats.append(f.float().cpu())
-    return torch.cat(feats)
-
-
 def main():
     args = p.parse_args()
     import torch
-    if not os.path.isfile(args.model):
-        raise common.UserError(f"model file '{args.model}' does not exist: train it with 04_train_reid.py")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpt = torch.load(args.model, map_location="cpu", weights_only=False)
-    model = models.build_reid_model(ckpt["arch"], ckpt["num_classes"], bnneck=ckpt.get("bnneck", False))
-    model.load_state_dict(ckpt["state_dict"])
-    model.to(device).eval()
+    model, ckpt = models.load_reid_model(args.model, device)
 
     data = common.load_reid_dataset(args.data_root, test_root=args.test_root, check_sizes=not args.no_size_check,
                                     name=None if args.dataset == "auto" else args.dataset)
@@ -76,8 +53,9 @@ def main():
           f"{len(query)} query, {len(gallery)} gallery images"
           + (f"; skipped {n_bad_q + n_bad_g} unreadable" if n_bad_q + n_bad_g else ""))
     t0 = time.time()
-    qf = extract(model, query, args, device, ckpt["height"], ckpt["width"])
-    gf = extract(model, gallery, args, device, ckpt["height"], ckpt["width"])
+    feats = lambda items: models.extract_features(model, items, device, ckpt["height"], ckpt["width"], args.batch_size,
+                                                  args.workers, args.flip)
+    qf, gf = feats(query), feats(gallery)
     distmat = torch.cat([common.pairwise_euclidean(q, gf) for q in qf.split(1024)]).numpy()
     ids = lambda items, k: np.array([it[k] for it in items])
     r = common.evaluate_rank(distmat, ids(query, 1), ids(gallery, 1), ids(query, 2), ids(gallery, 2), args.max_rank)

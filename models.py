@@ -279,3 +279,32 @@ class ImageDataset:
         with Image.open(path) as im:
             img = im.convert("RGB")
         return self.transform(img), label, camid
+
+
+def extract_features(model, items, device, height, width, batch_size=128, workers=2, flip=False):
+    """The pooled feature (what the triplet loss and the evaluation rank) of every image of
+    [(path, pid, camid)], in order; flip: averaged with the mirrored image's."""
+    import torchvision.transforms as T
+    from tqdm import tqdm
+    transform = T.Compose([T.Resize((height, width)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=batch_size, num_workers=workers,
+                                         shuffle=False)
+    feats = []
+    with torch.no_grad():
+        for x, _, _ in tqdm(loader, desc="features", leave=False, mininterval=1.0):
+            x = x.to(device)
+            f = model(x)[0]
+            if flip:
+                f = (f + model(x.flip(3))[0]) / 2
+            feats.append(f.float().cpu())
+    return torch.cat(feats)
+
+
+def load_reid_model(path, device="cpu"):
+    """model.pt written by 04_train_reid.py -> (network in eval mode, the checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise UserError(f"model file '{path}' does not exist: train it with 04_train_reid.py")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_reid_model(ckpt["arch"], ckpt["num_classes"], bnneck=ckpt.get("bnneck", False))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt

@@ -244,6 +244,11 @@ for v in $ROWS; do
     done
   done
 done
+# does the generator keep identity? the row-(I) model's nearest identity centroid of each generated image
+first=${SEEDS%% *}
+DONE_IF=$RUN/results/identity.json:$RUN/reid/base_s$first/model.pt stage identity tools/identity_score.py \
+  --model "$RUN/reid/base_s$first/model.pt" --data-root "$DATA_ROOT" --generated "$RUN/augmented/vi" \
+  $([ "$DATASET" = demo ] && echo --oracle "$RUN/augmented/oracle") --out "$RUN/results/identity.json" ${DEVICE:+--device $DEVICE}
 SUMMARY=(tools/summarize.py "$RUN/results")
 # the README shows the last full demo run: its table, and the figures it references
 README=$([ "$DATASET" = demo ] && [ $SMOKE = 0 ] && [ $TABLES = 1 ] && echo 1 || echo 0)

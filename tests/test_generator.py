@@ -487,6 +487,12 @@ def test_fidelity_metrics_and_controls(world, tmp_path):
     assert not cell(0, 12).any()
     a = np.random.default_rng(0).random((32, 16, 3))
     assert fidelity.ssim(a, a) == pytest.approx(1.0) and fidelity.ssim(a, 1 - a) < 0.1
+    # PSNR by hand: an error of 0.1 everywhere is an MSE of 0.01, 20 dB; with a mask only its pixels count
+    b, m = a.copy(), np.zeros((32, 16), bool)
+    b[:16] += 0.1
+    m[:16] = True
+    assert fidelity.psnr(a, b, m) == pytest.approx(20.0) and fidelity.psnr(a, b) == pytest.approx(23.0103, abs=1e-4)
+    assert fidelity.psnr(a, b, ~m) == 100.0  # identical pixels
 
 # -----------------------------------------------------------------------------
 # bad input: one clear line, exit status 2

@@ -33,6 +33,8 @@ def test_run_all_demo_smoke(tmp_path):
         assert all(common.parse_name(f) == common.parse_name(by_file[f]["source"]) and "s0_" in f for f in files)
     oracle = sorted(os.listdir(run / "augmented" / "oracle" / "bounding_box_train"))
     assert oracle == sorted(os.listdir(run / "augmented" / "vi" / "bounding_box_train"))
+    ident = json.loads((run / "results" / "identity.json").read_text())  # the row-(I) model's identity check
+    assert ident["identities"] == 30 and 0 <= ident["generated"]["agreement"] <= 1 and ident["oracle"]["images"] == len(oracle)
     fid = json.loads((run / "results" / "fidelity.json").read_text())
     assert fid["images"] == len(oracle)
     for f in ("fig3_viewpoints.png", "fig3_tsne_poses.png", "generated_vs_oracle.png"):

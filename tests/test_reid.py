@@ -362,6 +362,16 @@ def test_ddp_two_processes_cpu(tmp_path):
     assert "2 ranks hold identical weights" in r.stdout  # the ranks trained one model, not two
 
 
+def test_identity_score_nearest_centroid_by_hand():
+    ident = load_stage("tools/identity_score.py")
+    # three identities at known places, two noisy train features each
+    tf = np.array([[0, 0.1], [0, -0.1], [10, 0.1], [10, -0.1], [0.1, 10], [-0.1, 10]])
+    tl = np.array([1, 1, 2, 2, 3, 3])
+    q = np.array([[1, 0], [9, 1], [6, 0], [0, 4], [0, 0]])
+    ql = np.array([1, 2, 3, 1, 7])  # kept, kept, nearer 2 than 3: lost, nearer 1 (4) than 3 (6): kept, unknown id
+    assert ident.nearest_centroid_agreement(tf, tl, q, ql) == pytest.approx(3 / 5)
+
+
 def test_summarize_mean_and_spread_into_readme(tmp_path):
     res = tmp_path / "results"
     for variant, split, seed, m in [("base", "same", 0, 0.50), ("base", "same", 1, 0.60), ("base", "shifted", 0, 0.2),
@@ -372,6 +382,8 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     common.save_json(str(res / "fidelity.json"), dict(images=1200, psnr_foreground=15.754, mask_iou=0.348,
                      identity_gain_psnr_foreground=dict(mean=0.234, ci95=[0.11, 0.351]), control_pose_shuffled=dict(mask_iou=0.2681)))
     (res / "stage_times.csv").write_text("stage,seconds\nworld,10\nreid,3\nreid,4\n")
+    common.save_json(str(res / "identity.json"), dict(identities=120, chance=1 / 120, generated=dict(images=1200, agreement=0.25),
+                     oracle=dict(images=1200, agreement=0.5), generated_vs_oracle=0.5))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\nrest\n")
     run("tools/summarize.py", res, "--readme", readme)
@@ -384,6 +396,7 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     assert "| (VI) both = Diff-ID | 55.0 | 65.0 |  |  | +5.0 |  | 1 |" in text
     assert "1,200 generated (VI) images" in text and "person PSNR 15.75 dB, +0.23 dB (95% CI +0.11 .. +0.35)" in text
     assert "mask IoU 0.348 against 0.268 with" in text
+    assert "25.0% of 1,200 generated images, 50.0% of their oracle renders (generated / oracle 0.50); chance 0.8%" in text
     # too few jobs for the controls (the smoke run): the line says n/a instead of failing
     common.save_json(str(res / "fidelity.json"), dict(images=2, psnr_foreground=None, mask_iou=0.5,
                      identity_gain_psnr_foreground=dict(mean=None, ci95=None), control_pose_shuffled=dict(mask_iou=None)))

@@ -77,6 +77,15 @@ def summarize(results_dir, readme=None):
                   f"{num(g['mean'], '+.2f')} dB (95% CI {num(ci[0], '+.2f')} .. {num(ci[1], '+.2f')}) over another identity "
                   f"in the same pose; mask IoU {num(f['mask_iou'], '.3f')} against {num(c['mask_iou'], '.3f')} with the "
                   f"target pose shuffled.\n")
+    ident = os.path.join(results_dir, "identity.json")
+    if os.path.exists(ident):  # tools/identity_score.py
+        d = json.load(open(ident))
+        table += (f"\nIdentity kept (`tools/identity_score.py`: the generated image's nearest identity centroid, by the "
+                  f"row-(I) model, is its source identity): {100 * d['generated']['agreement']:.1f}% of "
+                  f"{d['generated']['images']:,} generated images"
+                  + (f", {100 * d['oracle']['agreement']:.1f}% of their oracle renders (generated / oracle "
+                     f"{d['generated_vs_oracle']:.2f})" if "oracle" in d else "")
+                  + f"; chance {100 * d['chance']:.1f}% ({d['identities']} identities).\n")
     times = os.path.join(results_dir, "stage_times.csv")
     if os.path.exists(times):
         import csv
