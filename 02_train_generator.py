@@ -510,7 +510,7 @@ def main():
         if is_main and (done % args.save_every == 0 or done == args.steps):
             save(done)
     if ddp:
-        diff = common.ranks_weight_difference(gen)
+        diff = models.ranks_weight_difference(gen)
         if is_main:
             print(f"{world} ranks hold identical weights" if diff == 0 else f"ranks differ by {diff:.3g}")
         if diff:

@@ -173,7 +173,7 @@ def main():
     data = common.load_reid_dataset(args.data_root, extra_train=args.extra_train, extra_count=args.extra_count,
                                     check_sizes=not args.no_size_check,
                                     name=None if args.dataset == "auto" else args.dataset)
-    train, n_bad = common.check_images(data["train"], "train images")
+    train, n_bad = models.check_images(data["train"], "train images")
     labels = np.array([lab for _, lab, _ in train])
     is_aug = np.array([path in data["extra"] for path, _, _ in train])  # from --extra-train, whatever the name
     if master:
@@ -287,7 +287,7 @@ def main():
         common.atomic_write(out, lambda tmp: torch.save(state, tmp))
         print(f"wrote {out} ({it} iterations, {time.time() - t0:.0f} s), {log_path}, {ckpt_path}")
     if world > 1:
-        diff = common.ranks_weight_difference(model)
+        diff = models.ranks_weight_difference(model)
         if master:
             print(f"{world} ranks hold identical weights" if diff == 0 else f"ranks differ by {diff:.3g}")
         if diff:

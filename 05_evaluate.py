@@ -46,8 +46,8 @@ def main():
 
     data = common.load_reid_dataset(args.data_root, test_root=args.test_root, check_sizes=not args.no_size_check,
                                     name=None if args.dataset == "auto" else args.dataset)
-    query, n_bad_q = common.check_images(data["query"], "query images")
-    gallery, n_bad_g = common.check_images(data["gallery"], "gallery images")
+    query, n_bad_q = models.check_images(data["query"], "query images")
+    gallery, n_bad_g = models.check_images(data["gallery"], "gallery images")
     test_root = args.test_root or args.data_root
     print(f"read {args.model} ({ckpt['arch']}, {ckpt['iterations']} iterations) and {test_root}: "
           f"{len(query)} query, {len(gallery)} gallery images"

@@ -16,14 +16,12 @@ import glob
 import json
 import math
 import tempfile
-import warnings
 import functools
 
 import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
-from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # 1. Reference attention
@@ -357,17 +355,6 @@ def run_main(main):
         sys.exit(2)
 
 
-def ranks_weight_difference(module):
-    """Under DDP every rank must end with the same weights (a rank whose gradients were not
-    averaged with the others' trains a model of its own). -> the largest difference between the
-    ranks' per-tensor sums and sums of squares (0.0 when they hold identical weights)."""
-    p = [q.detach().double() for q in module.parameters()]
-    v = torch.stack([q.sum() for q in p] + [(q * q).sum() for q in p])
-    everyone = [torch.zeros_like(v) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(everyone, v)
-    return float(torch.stack(everyone).amax(0).sub(torch.stack(everyone).amin(0)).max())
-
-
 def atomic_write(path, write_fn, suffix=None):
     """Write a file via a temp file in the same folder + rename, so an interrupted run never
     leaves a truncated file. write_fn(tmp_path) does the writing; suffix keeps the extension
@@ -505,22 +492,3 @@ def load_reid_dataset(root, test_root=None, extra_train=(), extra_count=None, na
     train = [(p, pid2label[pid], cam) for p, pid, cam in train]
     return dict(train=train, query=query, gallery=gallery, num_classes=len(pid2label),
                 extra={p for p, _, _ in extra})
-
-
-def check_images(items, what="images"):
-    """Decode every image once; corrupt or unreadable files are dropped with a warning naming
-    them, so that training never dies on image 9,000 of an epoch. Returns (kept, num_bad)."""
-    kept, bad = [], 0
-    for it in tqdm(items, desc=f"checking {what}", leave=False, mininterval=1.0):
-        try:
-            with Image.open(it[0]) as im:
-                im.load()
-            kept.append(it)
-        except Exception as e:
-            bad += 1
-            warnings.warn(f"skipping unreadable image '{it[0]}' ({type(e).__name__}: {e})")
-    if not kept:
-        raise UserError(f"none of the {len(items)} {what} could be read")
-    return kept, bad
-
-

@@ -1,7 +1,8 @@
 """
 Building, loading and saving the networks around the paper's machinery (common.py): the frozen
 VAE and CLIP image encoder (latents, image embeddings), pretrained weights from a local folder or
-a hub id, the generator folders 02 writes and 03 reads, and the Re-ID network.
+a hub id, the generator folders 02 writes and 03 reads, the Re-ID network with its image data
+set and feature extraction, and the DDP check that every rank holds the same weights.
 """
 import os
 import json
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 from common import COND_KINDS, Generator, PoseGuider, UserError, atomic_write
 
@@ -206,7 +208,7 @@ def load_generator(folder):
 
 
 # -----------------------------------------------------------------------------
-# the Re-ID network
+# the Re-ID network, its images, its features; DDP's check
 
 def build_reid_model(arch, num_classes, weights=None, bnneck=False):
     """torchvision trunk (ResNet50 in the paper; any torchvision classifier with an fc head,
@@ -281,11 +283,38 @@ class ImageDataset:
         return self.transform(img), label, camid
 
 
+def check_images(items, what="images"):
+    """Decode every image once; corrupt or unreadable files are dropped with a warning naming
+    them, so that training never dies on image 9,000 of an epoch. Returns (kept, num_bad)."""
+    kept, bad = [], 0
+    for it in tqdm(items, desc=f"checking {what}", leave=False, mininterval=1.0):
+        try:
+            with Image.open(it[0]) as im:
+                im.load()
+            kept.append(it)
+        except Exception as e:
+            bad += 1
+            warnings.warn(f"skipping unreadable image '{it[0]}' ({type(e).__name__}: {e})")
+    if not kept:
+        raise UserError(f"none of the {len(items)} {what} could be read")
+    return kept, bad
+
+
+def ranks_weight_difference(module):
+    """Under DDP every rank must end with the same weights (a rank whose gradients were not
+    averaged with the others' trains a model of its own). -> the largest difference between the
+    ranks' per-tensor sums and sums of squares (0.0 when they hold identical weights)."""
+    p = [q.detach().double() for q in module.parameters()]
+    v = torch.stack([q.sum() for q in p] + [(q * q).sum() for q in p])
+    everyone = [torch.zeros_like(v) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(everyone, v)
+    return float(torch.stack(everyone).amax(0).sub(torch.stack(everyone).amin(0)).max())
+
+
 def extract_features(model, items, device, height, width, batch_size=128, workers=2, flip=False):
     """The pooled feature (what the triplet loss and the evaluation rank) of every image of
     [(path, pid, camid)], in order; flip: averaged with the mirrored image's."""
     import torchvision.transforms as T
-    from tqdm import tqdm
     transform = T.Compose([T.Resize((height, width)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=batch_size, num_workers=workers,
                                          shuffle=False)

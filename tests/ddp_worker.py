@@ -79,7 +79,7 @@ def main():
     differ = float((other / world - mine[names[-1]]).abs().max())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     opt.step()
-    same = common.ranks_weight_difference(model)
+    same = models.ranks_weight_difference(model)
     common.save_json(os.path.join(out, f"rank{rank}.json"), dict(rank=rank, world=world, checked=n_checked,
                      max_rel_err_vs_mean_of_local=mean_err, local_grads_differ=differ, weight_difference=same))
     torch.distributed.destroy_process_group()
