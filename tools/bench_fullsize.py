@@ -135,7 +135,7 @@ def main():
     del gen, unet, ref, vae, enc
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     data = args.data or os.path.join(args.work, "world")
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=here, check=True)
+    run = lambda *a: subprocess.run([sys.executable, *map(str, a)], cwd=here, check=True)
     if args.data is None and not os.path.isdir(data):
         run("demo/world.py", "--out", data, "--small", "--workers", "1")
     targets = os.path.join(args.work, "targets")
@@ -145,16 +145,23 @@ def main():
     out = os.path.join(args.work, "augmented")
     shutil.rmtree(out, ignore_errors=True)
     t = time.time()
-    run("03_generate.py", "--generator", gfolder, "--data", data, "--targets", targets, "--out", out,
-        "--refs-per-pid", "1", "--targets-per-ref", str(args.images), "--num-images", str(args.images),
-        "--steps", str(args.ddim_steps), "--batch-size", str(args.images), "--device", args.device,
-        *(["--amp"] if args.amp else []))
+    # through a small wrapper process: a child forked from this (large) process would count our
+    # pages in its peak memory until it execs
+    wrap = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); " \
+           "print('peak', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    p = subprocess.run([sys.executable, "-c", wrap, sys.executable, "03_generate.py", "--generator", gfolder, "--data", data,
+                        "--targets", targets, "--out", out, "--refs-per-pid", "1", "--targets-per-ref", str(args.images),
+                        "--num-images", str(args.images), "--steps", str(args.ddim_steps), "--batch-size", str(args.images),
+                        "--device", args.device, *(["--amp"] if args.amp else [])],
+                       cwd=here, check=True, stdout=subprocess.PIPE, text=True)
+    print(p.stdout)
     gen_s = time.time() - t
+    peak03 = int(p.stdout.strip().splitlines()[-1].split()[1]) * 1024
     made = len(os.listdir(os.path.join(out, "bounding_box_train")))
     generate = dict(images=made, ddim_steps=args.ddim_steps, guidance=3.5, seconds=gen_s, seconds_per_image=gen_s / made,
-                    peak_rss_gib=peak_rss(resource.RUSAGE_CHILDREN) / GIB)
+                    peak_rss_gib=peak03 / GIB)
     print(f"03: {made} images at {W}x{H}, {args.ddim_steps} DDIM steps with guidance (model loading included): "
-          f"{gen_s:.0f} s; peak memory of the largest child process {generate['peak_rss_gib']:.1f} GiB")
+          f"{gen_s:.0f} s; peak memory of the 03 process {generate['peak_rss_gib']:.1f} GiB")
     report = dict(device=args.device, amp=args.amp, torch=torch.__version__, threads=torch.get_num_threads(),
                   resolution=[W, H], parameters=n, memory_computed=mem, train_step=step, generate=generate)
     common.save_json(args.out, report)
