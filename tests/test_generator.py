@@ -221,8 +221,9 @@ def test_training_null_condition_equals_sampling_unconditional_branch():
         train = gen(xin[:2], tt, emb_n, conds, ref, emb, idx_n)
         plain = gen.denoise(xin[:2], tt, torch.zeros_like(emb), gen.pose(conds), None)  # no reference, zero CLIP, pose kept
     # same function, same inputs; the sampling batch also holds the conditional rows, so allow
-    # float reordering across batch sizes (bit-equal where the batch is the same: train vs plain)
-    torch.testing.assert_close(train, eps_uncond, rtol=0, atol=1e-6)
+    # float reordering across batch sizes, which depends on the thread count too (1.1e-6 seen on a loaded
+    # machine; bit-equal where the batch is the same: train vs plain)
+    torch.testing.assert_close(train, eps_uncond, rtol=0, atol=1e-5)
     assert torch.equal(train, plain)
     assert not torch.equal(out[2:], eps_uncond)
 
