@@ -40,6 +40,7 @@ p.add_argument("--no-size-check", action="store_true", help="skip the Market/Duk
 p.add_argument("--dataset", choices=["auto", "market1501", "dukemtmc"], default="auto", help="which official image "
                "counts to check (auto: from the folder name, e.g. Market-1501-v15.09.15 or DukeMTMC-reID)")
 p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18 for CPU demo runs)")
+p.add_argument("--width-mult", type=float, default=1.0, help="ResNet channel widths x this (from scratch only)")
 p.add_argument("--backbone-weights", default="none", help="PATH to a torchvision state dict | imagenet | none")
 p.add_argument("--height", type=int, default=256)
 p.add_argument("--width", type=int, default=128)
@@ -55,7 +56,15 @@ p.add_argument("--weight-decay", type=float, default=5e-4, help="the paper does 
 p.add_argument("--margin", type=float, default=0.5, help="triplet margin")
 p.add_argument("--max-aug-share", type=float, default=1.0,
                help="cap on the share of generated images (--extra-train) in each identity's K slots")
+p.add_argument("--extra-per-id", type=int, default=0, help="CamStyle-style mixing instead of pooling: PK batches "
+               "of real images only (as without augmentation), plus this many generated images of each identity")
+p.add_argument("--extra-label-smoothing", type=float, default=0.0,
+               help="with --extra-per-id: label smoothing of the generated images' cross-entropy (CamStyle)")
+p.add_argument("--extra-triplet", choices=["all", "real"], default="all",
+               help="with --extra-per-id: the triplet loss over real + generated images, or real only")
 p.add_argument("--workers", type=int, default=2)
+p.add_argument("--preload", action="store_true", help="decode + resize the train images once, into memory "
+               "(small data sets on a CPU; use --workers 0)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 p.add_argument("--amp", action="store_true", help="bf16 autocast")
@@ -151,6 +160,19 @@ def cap_augmented(batch, labels, is_aug, K, share, real_by_label):
     return out
 
 
+def add_extra(batch, b, labels, K, n, extra_by_label, seed):
+    """CamStyle-style mixing (Zhong et al. 2018): the real PK batch unchanged, then n generated
+    images of each of its identities (those that have any), drawn as a function of the batch
+    number b so that resuming replays them."""
+    rng = np.random.default_rng([seed, 77, b])
+    extra = []
+    for i in range(0, len(batch), K):
+        pool = extra_by_label.get(labels[batch[i]], ())
+        if len(pool):
+            extra += [int(j) for j in rng.choice(pool, n, replace=len(pool) < n)]
+    return batch + extra
+
+
 def main():
     args = p.parse_args()
     # DDP under torchrun: one process per GPU; identities of each PK batch split over ranks
@@ -179,20 +201,21 @@ def main():
     if master:
         print(f"read {args.data_root}: {len(train)} train images ({is_aug.sum()} generated) of "
               f"{data['num_classes']} identities" + (f"; skipped {n_bad} unreadable" if n_bad else ""))
-    sampler = PKSampler(labels, args.P, args.K, seed=args.seed, rank=rank, world_size=world)
-    transform = T.Compose([
-        T.Resize((args.height, args.width)),
-        T.RandomHorizontalFlip(),
-        T.Pad(10),
-        T.RandomCrop((args.height, args.width)),
-        T.ToTensor(),
-        T.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD),
-    ])
-    dataset = models.ImageDataset(train, transform)
+    mixing = args.extra_per_id > 0 and is_aug.any()
+    real = np.flatnonzero(~is_aug) if mixing else np.arange(len(train))  # what the PK sampler draws from
+    sampler = PKSampler(labels[real], args.P, args.K, seed=args.seed, rank=rank, world_size=world)
+    size = (args.height, args.width)
+    augment = [T.RandomHorizontalFlip(), T.Pad(10), T.RandomCrop(size)]
+    normalize = T.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD)
+    # preloaded images are uint8 tensors already at the input size: the same augmentation on them
+    transform = T.Compose(augment + [T.ConvertImageDtype(torch.float), normalize] if args.preload else
+                          [T.Resize(size)] + augment + [T.ToTensor(), normalize])
+    dataset = models.ImageDataset(train, transform, preload=size if args.preload else None)
 
     # -------------------------------------------------------------------------
     # model, optimizer, resume
-    model = models.build_reid_model(args.arch, data["num_classes"], args.backbone_weights, args.bnneck).to(device)
+    model = models.build_reid_model(args.arch, data["num_classes"], args.backbone_weights, args.bnneck,
+                                    args.width_mult).to(device)
     optimizer = torch.optim.Adam([
         dict(params=model.backbone.parameters(), lr=args.lr),
         dict(params=[q for q in [*model.neck.parameters(), *model.classifier.parameters()] if q.requires_grad],
@@ -237,8 +260,13 @@ def main():
 
     # -------------------------------------------------------------------------
     # training loop: iteration-based, the PK stream resumes at the global batch number
-    batches = sampler.iterate(start)
-    if args.max_aug_share < 1.0:
+    batches = ([int(real[j]) for j in b] for b in sampler.iterate(start))
+    n_real = args.P // world * args.K  # rows of a batch that are real images when mixing
+    if mixing:
+        extra_by_label = {lab: np.flatnonzero(is_aug & (labels == lab)) for lab in np.unique(labels)}
+        batches = (add_extra(b, i, labels, args.K, args.extra_per_id, extra_by_label, args.seed)
+                   for i, b in enumerate(batches, start))
+    elif args.max_aug_share < 1.0:
         real_by_label = {lab: np.flatnonzero((labels == lab) & ~is_aug) for lab in np.unique(labels)}
         batches = (cap_augmented(b, labels, is_aug, args.K, args.max_aug_share, real_by_label) for b in batches)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
@@ -260,8 +288,15 @@ def main():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             feat, logits = ddp_model(x)
         feat, logits = feat.float(), logits.float()
-        l_tri = common.triplet_loss(feat, y, args.margin)
-        l_ce = F.cross_entropy(logits, y)
+        if mixing:  # cross-entropy: mean over real + mean over generated (smoothed) images
+            tri = slice(None) if args.extra_triplet == "all" else slice(0, n_real)
+            l_tri = common.triplet_loss(feat[tri], y[tri], args.margin)
+            l_ce = F.cross_entropy(logits[:n_real], y[:n_real])
+            if len(y) > n_real:
+                l_ce = l_ce + F.cross_entropy(logits[n_real:], y[n_real:], label_smoothing=args.extra_label_smoothing)
+        else:
+            l_tri = common.triplet_loss(feat, y, args.margin)
+            l_ce = F.cross_entropy(logits, y)
         loss = l_tri + l_ce
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,7 +318,7 @@ def main():
         log.close()
         out = os.path.join(args.out, "model.pt")
         state = dict(state_dict=model.state_dict(), arch=args.arch, num_classes=data["num_classes"], bnneck=args.bnneck,
-                     height=args.height, width=args.width, iterations=it)
+                     width_mult=args.width_mult, height=args.height, width=args.width, iterations=it)
         common.atomic_write(out, lambda tmp: torch.save(state, tmp))
         print(f"wrote {out} ({it} iterations, {time.time() - t0:.0f} s), {log_path}, {ckpt_path}")
     if world > 1:

@@ -210,7 +210,7 @@ def load_generator(folder):
 # -----------------------------------------------------------------------------
 # the Re-ID network, its images, its features; DDP's check
 
-def build_reid_model(arch, num_classes, weights=None, bnneck=False):
+def build_reid_model(arch, num_classes, weights=None, bnneck=False, width_mult=1.0):
     """torchvision trunk (ResNet50 in the paper; any torchvision classifier with an fc head,
     e.g. resnet18 or shufflenet_v2_x0_5 for CPU runs) -> global average pool -> feature (2048-d
     for resnet50, the paper's triplet feature) -> linear classifier (cross-entropy). By default no
@@ -219,7 +219,8 @@ def build_reid_model(arch, num_classes, weights=None, bnneck=False):
     pooled feature, cross-entropy a normalised copy, so a trunk trained from scratch cannot satisfy
     both by shrinking every feature to one point. forward() returns (pooled feature, logits) either
     way; the pooled feature is what 05 ranks. weights: None, 'imagenet' (torchvision download), or
-    a path to a torchvision state dict for the trunk."""
+    a path to a torchvision state dict for the trunk. width_mult: a ResNet with every channel
+    width scaled (0.25: 1/16 of the compute), for the CPU demo, where it buys 8x the iterations."""
     import torchvision  # only the Re-ID stages need it
 
     if arch not in torchvision.models.list_models(torchvision.models):
@@ -228,6 +229,10 @@ def build_reid_model(arch, num_classes, weights=None, bnneck=False):
     trunk = torchvision.models.get_model(arch, weights=None)
     if not isinstance(getattr(trunk, "fc", None), torch.nn.Linear):
         raise UserError(f"--arch '{arch}' has no fc head: use a ResNet, ResNeXt, RegNet or ShuffleNetV2")
+    if width_mult != 1.0:
+        if not isinstance(trunk, torchvision.models.ResNet) or weights not in (None, "none"):
+            raise UserError(f"--width-mult works on a ResNet trained from scratch, not '{arch}' with weights '{weights}'")
+        trunk = slim_resnet(trunk, width_mult)
     if weights == "imagenet":
         url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
         try:
@@ -263,21 +268,54 @@ def build_reid_model(arch, num_classes, weights=None, bnneck=False):
     return Net()
 
 
+def slim_resnet(net, mult):
+    """The same torchvision ResNet (blocks, depths, strides) with channel widths 64, 128, 256, 512
+    scaled by mult; its own _make_layer builds the stages, its own initialisation follows."""
+    w = [max(8, round(64 * mult * 2 ** i)) for i in range(4)]
+    block = type(net.layer1[0])
+    depths = [len(getattr(net, f"layer{i + 1}")) for i in range(4)]
+    net.inplanes = w[0]
+    net.conv1 = torch.nn.Conv2d(3, w[0], kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = torch.nn.BatchNorm2d(w[0])
+    for i in range(4):
+        setattr(net, f"layer{i + 1}", net._make_layer(block, w[i], depths[i], stride=1 if i == 0 else 2))
+    net.fc = torch.nn.Linear(w[3] * block.expansion, net.fc.out_features)
+    for m in net.modules():  # torchvision ResNet's initialisation
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    return net
+
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class ImageDataset:
     """Map-style data set over [(path, label, camid)] for torch's DataLoader (which needs only
-    __len__ and __getitem__): returns (transform(RGB image), label, camid)."""
+    __len__ and __getitem__): returns (transform(RGB image), label, camid). preload=(H, W):
+    decode and resize every image once, into one uint8 tensor; transform then gets a uint8
+    (3, H, W) tensor instead of a PIL image (on a CPU, decoding 64 small JPEGs per step costs
+    as much as the step of a slim network)."""
 
-    def __init__(self, items, transform):
-        self.items, self.transform = items, transform
+    def __init__(self, items, transform, preload=None):
+        self.items, self.transform, self.images = items, transform, None
+        if preload:
+            import torchvision.transforms as T
+            load = T.Compose([T.Resize(preload), T.PILToTensor()])
+            self.images = torch.empty(len(items), 3, *preload, dtype=torch.uint8)
+            for i, (path, _, _) in enumerate(tqdm(items, desc="preloading images", mininterval=1.0)):
+                with Image.open(path) as im:
+                    self.images[i] = load(im.convert("RGB"))
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         path, label, camid = self.items[i]
+        if self.images is not None:
+            return self.transform(self.images[i]), label, camid
         with Image.open(path) as im:
             img = im.convert("RGB")
         return self.transform(img), label, camid
@@ -334,6 +372,7 @@ def load_reid_model(path, device="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"model file '{path}' does not exist: train it with 04_train_reid.py")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = build_reid_model(ckpt["arch"], ckpt["num_classes"], bnneck=ckpt.get("bnneck", False))
+    model = build_reid_model(ckpt["arch"], ckpt["num_classes"], bnneck=ckpt.get("bnneck", False),
+                             width_mult=ckpt.get("width_mult", 1.0))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt

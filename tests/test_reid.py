@@ -350,6 +350,59 @@ def test_bnneck_logits_and_feature():
     assert m.classifier.bias is None and not n.bias.requires_grad and n.bias.abs().sum() == 0
 
 
+def test_slim_resnet_widths_and_reload(tmp_path):
+    m = models.build_reid_model("resnet18", 5, bnneck=True, width_mult=0.25)
+    convs = [c.out_channels for c in m.backbone.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert convs[0] == 16 and sorted(set(convs)) == [16, 32, 64, 128] and m.feat_dim == 128
+    # the same blocks as torchvision's resnet18, each with 1/4 of the channels (1/16 of the weights, about)
+    full = models.build_reid_model("resnet18", 5, bnneck=True)
+    assert [type(c).__name__ for c in m.backbone.modules()] == [type(c).__name__ for c in full.backbone.modules()]
+    n = lambda net: sum(p.numel() for p in net.backbone.parameters())
+    assert 1 / 20 < n(m) / n(full) < 1 / 12
+    assert models.build_reid_model("resnet50", 5, width_mult=0.5).feat_dim == 1024  # 256 x 4 (bottleneck)
+    with pytest.raises(common.UserError, match="width-mult"):
+        models.build_reid_model("shufflenet_v2_x0_5", 5, width_mult=0.5)
+    root = make_market(tmp_path / "data")  # 04 stores the multiplier; 05 rebuilds the slim network from model.pt
+    out = tmp_path / "slim"
+    run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", 2, "--bnneck", "--width-mult", 0.25, *TINY)
+    model, ckpt = models.load_reid_model(str(out / "model.pt"))
+    assert ckpt["width_mult"] == 0.25 and model.feat_dim == 128
+
+
+def test_preloaded_images_equal_decoded_ones(tmp_path):
+    import torchvision.transforms as T
+    root = make_market(tmp_path / "data", n_ids=2, per_cam=2)
+    items = common.load_reid_dataset(str(root), check_sizes=False)["train"]
+    size = (24, 12)  # a real resize (the images are 32x16)
+    pil = models.ImageDataset(items, T.Compose([T.Resize(size), T.ToTensor()]))
+    mem = models.ImageDataset(items, T.ConvertImageDtype(torch.float), preload=size)
+    for i in range(len(items)):
+        assert torch.equal(pil[i][0], mem[i][0]) and pil[i][1:] == mem[i][1:]
+
+
+def test_extra_per_id_keeps_the_real_batch_and_adds_its_identities():
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 0, 0, 1, 2])  # indices 8.. are generated
+    extra_by_label = {0: np.array([8, 9]), 1: np.array([10]), 2: np.array([11])}
+    real = [0, 1, 3, 4]  # a P=2 x K=2 batch of identities 0 and 1
+    b = train04.add_extra(real, 7, labels, 2, 3, extra_by_label, seed=0)
+    assert b[:4] == real and len(b) == 4 + 3 + 3
+    assert set(b[4:7]) <= {8, 9} and b[7:] == [10, 10, 10]  # 3 per identity, with replacement if fewer
+    assert b == train04.add_extra(real, 7, labels, 2, 3, extra_by_label, seed=0)  # a function of the batch number
+    assert train04.add_extra([6, 7], 0, labels, 2, 1, {0: np.array([8])}, seed=0) == [6, 7]  # none for id 2: none added
+
+
+def test_extra_per_id_training_run(tmp_path):
+    root = make_market(tmp_path / "data")
+    extra = tmp_path / "aug" / "bounding_box_train"
+    for i in range(16):
+        common.save_image(str(extra / f"{1 + i % 8:04d}_c1s0_{i:06d}_00.jpg"), np.full((32, 16, 3), 40 * (i % 6), np.uint8))
+    out = tmp_path / "mix"
+    run("04_train_reid.py", "--data-root", root, "--extra-train", extra, "--out", out, "--iters", 3, "--log-every", 1,
+        "--extra-per-id", 2, "--extra-label-smoothing", 0.1, "--extra-triplet", "real", "--preload", *TINY)
+    ce = [float(l.split(",")[3]) for l in (out / "log.csv").read_text().splitlines()[1:]]
+    assert len(ce) == 3 and np.isfinite(ce).all()
+
+
 def test_ddp_two_processes_cpu(tmp_path):
     root = make_market(tmp_path / "data")
     out = tmp_path / "reid"
