@@ -460,3 +460,15 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     labels = [l.split(" | ")[0] for l in text.splitlines() if l.startswith("| (") or l.startswith("| Table 2")]
     assert labels == ["| (I) no augmentation", "| (VI) both = Diff-ID", "| Table 2: (VI) with 50 generated images",
                       "| Table 2: (VI) with 600 generated images"]
+
+
+def test_reid_curves_table_pairs_by_seed():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import reid_curves
+    pts = [dict(row=r, seed=s, iters=800, split=sp, mAP=m) for r, s, sp, m in [
+        ("base", 0, "same", 50.0), ("base", 1, "same", 60.0), ("oracle", 0, "same", 49.0), ("oracle", 1, "same", 57.0),
+        ("base", 0, "shifted", 10.0), ("base", 1, "shifted", 12.0), ("oracle", 0, "shifted", 20.0), ("oracle", 1, "shifted", 18.0)]]
+    rows = reid_curves.table(pts).splitlines()[2:]
+    # same: (I) 55 +- 7.07, ORACLE 53 +- 5.66, paired differences -1 and -3: -2 +- 1.41
+    assert rows[0] == "| 800 | same | 55.0 ± 7.1 | 53.0 ± 5.7 | -2.0 ± 1.4 | 2 |"
+    assert rows[1] == "| 800 | shifted | 11.0 ± 1.4 | 19.0 ± 1.4 | +8.0 ± 2.8 | 2 |"

@@ -55,7 +55,8 @@ def main():
         man = os.path.join(folder, "manifest.csv")
         if not os.path.isfile(man):
             raise common.UserError(f"'{folder}' has no manifest.csv (03_generate.py or demo/oracle.py writes it)")
-        rows = [r for r in csv.DictReader(open(man)) if os.path.isfile(os.path.join(folder, r["file"]))]
+        with open(man, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if os.path.isfile(os.path.join(folder, r["file"]))]
         items = [(os.path.join(folder, r["file"]), int(r["pid"]), 0) for r in rows]
         if not items:
             raise common.UserError(f"none of the images listed in '{man}' exists")

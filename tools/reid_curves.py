@@ -68,6 +68,24 @@ def plot(points, path):
     common.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), suffix=".png")
 
 
+def table(points):
+    """Markdown: per iteration count and split, (I) and ORACLE mAP (mean +- sample std over seeds) and
+    ORACLE - (I) paired by seed."""
+    get = {(r["row"], int(r["seed"]), int(r["iters"]), r["split"]): float(r["mAP"]) for r in points}
+    ms = lambda v: f"{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}" if len(v) > 1 else (f"{v[0]:.1f}" if v else "")
+    lines = ["| iterations | split | (I) mAP | ORACLE mAP | ORACLE − (I), paired | seeds |", "|---|---|---|---|---|---|"]
+    for it in sorted({k[2] for k in get}):
+        for split in ("same", "shifted"):
+            seeds = sorted(s for (row, s, i, sp) in get if row == "base" and i == it and sp == split)
+            base = [get["base", s, it, split] for s in seeds]
+            ora = [get[k] for k in sorted(get) if k[0] == "oracle" and k[2] == it and k[3] == split]
+            diff = [get["oracle", s, it, split] - get["base", s, it, split] for s in seeds if ("oracle", s, it, split) in get]
+            diff_text = (f"{np.mean(diff):+.1f} ± {np.std(diff, ddof=1):.1f}" if len(diff) > 1 else
+                         f"{diff[0]:+.1f}" if diff else "")
+            lines.append(f"| {it:,} | {split} | {ms(base)} | {ms(ora)} | {diff_text} | {len(diff)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     args = p.parse_args()
     reid = args.reid_args[1:] if args.reid_args[:1] == ["--"] else args.reid_args
@@ -78,11 +96,11 @@ def main():
         if not os.path.isdir(path):
             raise common.UserError(f"'{path}' not found: run 'bash run_all.sh demo' first (it renders the ORACLE row)")
     work = args.work or os.path.join(args.run, "curves")
-    table = os.path.splitext(args.out)[0] + ".csv"
+    csv_path = os.path.splitext(args.out)[0] + ".csv"
     fields = ["row", "seed", "iters", "split", "mAP", "R1"]
     points = []
-    if os.path.isfile(table):
-        with open(table) as f:
+    if os.path.isfile(csv_path):
+        with open(csv_path) as f:
             points = list(csv.DictReader(f))
     done = {(r["row"], int(r["seed"]), int(r["iters"]), r["split"]) for r in points}
     runs = [(row, seed) for seed in args.seeds for row in ("base", "oracle")]
@@ -102,9 +120,12 @@ def main():
                 points.append(dict(row=row, seed=seed, iters=it, split=split, mAP=round(100 * r["mAP"], 2),
                                    R1=round(100 * r["R1"], 2)))
                 print(f"[{k + 1}/{len(runs)}] {row} seed {seed}, {it} iterations, {split}: mAP {points[-1]['mAP']:.1f}", flush=True)
-            common.save_text(table, ",".join(fields) + "\n" + "".join(",".join(str(r[f]) for f in fields) + "\n" for r in points))
+            common.save_text(csv_path, ",".join(fields) + "\n" + "".join(",".join(str(r[f]) for f in fields) + "\n" for r in points))
     plot(points, args.out)
-    print(f"wrote {table} ({len(points)} points) and {args.out}")
+    md = os.path.splitext(args.out)[0] + ".md"
+    common.save_text(md, table(points))
+    print(table(points))
+    print(f"wrote {csv_path} ({len(points)} points), {md} and {args.out}")
 
 
 if __name__ == "__main__":
