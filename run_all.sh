@@ -226,7 +226,7 @@ if [ "$DATASET" = demo ]; then
     --world "$DATA_ROOT" --out "$RUN/augmented/oracle"
   DONE_IF=$RUN/results/fidelity.json:$RUN/augmented/oracle/manifest.csv stage fidelity demo/fidelity.py --generated "$RUN/augmented/vi" --oracle "$RUN/augmented/oracle" \
     --out "$RUN/results/fidelity.json" --sheet "$RUN/results/figures/generated_vs_oracle.png" \
-    --data "$DATA_ROOT" --targets "$RUN/targets/vi"
+    --data "$DATA_ROOT" --targets "$RUN/targets/vi" --generator "$RUN/generator"
   DONE_IF=$RUN/results/figures/fig3_tsne_poses.png:$DATA_ROOT/identities.json stage figures tools/figures.py --data "$DATA_ROOT" --targets "$RUN/targets/vi" --out "$RUN/results/figures" "${FIGURES[@]}"
   VARIANTS="$VARIANTS oracle"
 fi

@@ -53,6 +53,27 @@ def psnr(a, b, mask=None):
     return float(peak_signal_noise_ratio(a, b, data_range=1.0))
 
 
+def colourfulness(img, mask=None):
+    """Mean over the (masked) pixels of the standard deviation across R, G and B, in 0-255 units:
+    0 for a grey image. The demo's people differ mostly by the colours of their clothes."""
+    px = img[mask] if mask is not None else img.reshape(-1, 3)
+    return float(px.std(axis=-1).mean() * 255) if len(px) else 0.0
+
+
+def vae_ceiling(generator, images, masks):
+    """What the generator's frozen VAE alone keeps of the oracle renders (encode, decode): person
+    PSNR and colourfulness of the reconstructions. No sample can be closer than its own VAE allows."""
+    import torch
+    import models
+    _, vae, _, _, _ = models.load_generator(generator)  # its own vae/, or the pretrained one it names
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() * 2 - 1
+    with torch.no_grad():
+        rec = torch.cat([models.decode_latents(vae, models.encode_latents(vae, x[i:i + 64])) for i in range(0, len(x), 64)])
+    rec = ((rec.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).double().numpy()
+    return dict(psnr_foreground=float(np.mean([psnr(r, o, m) for r, o, m in zip(rec, images, masks)])),
+                colourfulness=float(np.mean([colourfulness(r, m) for r, m in zip(rec, masks)])), n=len(images))
+
+
 def iou(m1, m2):
     u = np.logical_or(m1, m2).sum()
     return float(np.logical_and(m1, m2).sum() / u) if u else 1.0
@@ -71,6 +92,9 @@ def fidelity(argv=None):
                    "holds the references")
     p.add_argument("--targets", default=None, help="with --sheet: the target set (maps/<target_id>.skeleton.png)")
     p.add_argument("--sheet-rows", type=int, default=6)
+    p.add_argument("--generator", default=None, help="the generator folder: also measure its VAE's ceiling "
+                   "(person PSNR and colourfulness of the oracle renders encoded and decoded)")
+    p.add_argument("--ceiling-images", type=int, default=256, help="oracle renders for the VAE ceiling")
     args = p.parse_args(argv)
     if args.sheet and not (args.data and args.targets):
         raise UserError("--sheet needs --data (references) and --targets (skeleton maps)")
@@ -112,13 +136,16 @@ def fidelity(argv=None):
         by_src.setdefault(r["source"], []).append(r)
         by_tgt.setdefault(r["target_id"], []).append(r)
     m = {k: [] for k in ("psnr", "psnr_fg", "ssim", "mask_iou", "shuf_psnr", "shuf_psnr_fg", "shuf_iou",
-                         "other_psnr", "other_psnr_fg", "other_iou", "gain_pose_iou", "gain_id_psnr_fg")}
+                         "other_psnr", "other_psnr_fg", "other_iou", "gain_pose_iou", "gain_id_psnr_fg",
+                         "colour_gen", "colour_ora")}
     for r in tqdm(have, desc="fidelity"):
         f = r["file"]
         m["psnr"].append(psnr(gen[f], ora[f]))
         m["psnr_fg"].append(psnr(gen[f], ora[f], omask[f]))
         m["ssim"].append(ssim(gen[f], ora[f]))
         m["mask_iou"].append(iou(gmask[f], omask[f]))
+        m["colour_gen"].append(colourfulness(gen[f], gmask[f]))
+        m["colour_ora"].append(colourfulness(ora[f], omask[f]))
         same = [q for q in by_src[r["source"]] if q["target_id"] != r["target_id"]]
         if same:
             q = same[len(m["psnr"]) % len(same)]["file"]  # deterministic pick
@@ -144,7 +171,11 @@ def fidelity(argv=None):
                                            mask_iou=mean(m["other_iou"]), n=len(m["other_iou"])),
                oracle_masks="files" if os.path.isdir(masks_dir) else "estimated",
                pose_gain_mask_iou=dict(mean=mean(m["gain_pose_iou"]), ci95=ci(m["gain_pose_iou"])),
-               identity_gain_psnr_foreground=dict(mean=mean(m["gain_id_psnr_fg"]), ci95=ci(m["gain_id_psnr_fg"])))
+               identity_gain_psnr_foreground=dict(mean=mean(m["gain_id_psnr_fg"]), ci95=ci(m["gain_id_psnr_fg"])),
+               colourfulness=dict(generated=mean(m["colour_gen"]), oracle=mean(m["colour_ora"])))
+    if args.generator:
+        pick = [r["file"] for r in have[::max(1, len(have) // args.ceiling_images)][:args.ceiling_images]]
+        res["vae_ceiling"] = vae_ceiling(args.generator, [ora[f] for f in pick], [omask[f] for f in pick])
     out = args.out or os.path.join(args.generated, "fidelity.json")
     common.save_json(out, res)
     if args.sheet:
@@ -156,6 +187,12 @@ def fidelity(argv=None):
                       ("other identity (same target pose)", "control_other_identity")):
         c = res[key]
         print(f"  control, {name}: PSNR {fmt(c['psnr'])} (person only {fmt(c['psnr_foreground'])}), mask IoU {fmt(c['mask_iou'])}")
+    c = res["colourfulness"]
+    print(f"  colourfulness of the person (0 = grey): generated {fmt(c['generated'])}, oracle {fmt(c['oracle'])}")
+    if "vae_ceiling" in res:
+        v = res["vae_ceiling"]
+        print(f"  the generator's VAE alone (oracle encoded + decoded, {v['n']} images): person PSNR "
+              f"{fmt(v['psnr_foreground'])} dB, colourfulness {fmt(v['colourfulness'])}")
     for name, key in (("follows the pose: mask IoU - pose-shuffled", "pose_gain_mask_iou"),
                       ("keeps the identity: person PSNR - other identity", "identity_gain_psnr_foreground")):
         g = res[key]

@@ -495,6 +495,27 @@ def test_fidelity_metrics_and_controls(world, tmp_path):
     m[:16] = True
     assert fidelity.psnr(a, b, m) == pytest.approx(20.0) and fidelity.psnr(a, b) == pytest.approx(23.0103, abs=1e-4)
     assert fidelity.psnr(a, b, ~m) == 100.0  # identical pixels
+    # colourfulness by hand: grey pixels 0; a pure red pixel has R, G, B = 255, 0, 0: std 120.21
+    red = np.zeros((2, 2, 3))
+    red[0, 0, 0] = 1.0
+    assert fidelity.colourfulness(np.full((4, 4, 3), 0.3)) == 0.0
+    assert fidelity.colourfulness(red, red[..., 0] > 0) == pytest.approx(255 * np.sqrt(2) / 3)
+    assert fidelity.colourfulness(red) == pytest.approx(255 * np.sqrt(2) / 3 / 4)
+    assert res["colourfulness"]["oracle"] > 0
+
+
+def test_fidelity_vae_ceiling_is_the_vae_round_trip(world, trained):
+    gen_dir = trained["a"]
+    _, vae, _, _, _ = models.load_generator(gen_dir)
+    rng = np.random.default_rng(3)
+    imgs = [rng.random((H, W, 3)) for _ in range(3)]
+    masks = [np.ones((H, W), bool)] * 3
+    res = fidelity.vae_ceiling(gen_dir, imgs, masks)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() * 2 - 1
+    with torch.no_grad():
+        rec = ((models.decode_latents(vae, models.encode_latents(vae, x)).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).double().numpy()
+    mse = [((r - i) ** 2).mean() for r, i in zip(rec, imgs)]
+    assert res["n"] == 3 and res["psnr_foreground"] == pytest.approx(np.mean([-10 * np.log10(m) for m in mse]), abs=1e-3)
 
 # -----------------------------------------------------------------------------
 # bad input: one clear line, exit status 2

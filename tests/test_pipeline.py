@@ -37,6 +37,7 @@ def test_run_all_demo_smoke(tmp_path):
     assert ident["identities"] == 30 and 0 <= ident["generated"]["agreement"] <= 1 and ident["oracle"]["images"] == len(oracle)
     fid = json.loads((run / "results" / "fidelity.json").read_text())
     assert fid["images"] == len(oracle)
+    assert 0 <= fid["vae_ceiling"]["colourfulness"] and fid["vae_ceiling"]["n"] == len(oracle)  # --generator: the VAE's ceiling
     for f in ("fig3_viewpoints.png", "fig3_tsne_poses.png", "generated_vs_oracle.png"):
         assert (run / "results" / "figures" / f).stat().st_size > 1000
     # the plain run (rows I and VI) afterwards finds everything done: nothing trained or evaluated

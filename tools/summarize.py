@@ -76,7 +76,13 @@ def summarize(results_dir, readme=None):
                   f"jobs (`demo/fidelity.py`): person PSNR {num(f['psnr_foreground'], '.2f')} dB, "
                   f"{num(g['mean'], '+.2f')} dB (95% CI {num(ci[0], '+.2f')} .. {num(ci[1], '+.2f')}) over another identity "
                   f"in the same pose; mask IoU {num(f['mask_iou'], '.3f')} against {num(c['mask_iou'], '.3f')} with the "
-                  f"target pose shuffled.\n")
+                  f"target pose shuffled.")
+        if "colourfulness" in f:  # how much of the clothes' colour survives (0 = grey), and what the VAE alone keeps
+            c, v = f["colourfulness"], f.get("vae_ceiling")
+            table += (f" Colourfulness of the person (mean RGB std, 0 = grey): generated {num(c['generated'], '.1f')}, "
+                      f"oracle {num(c['oracle'], '.1f')}" + (f"; the generator's VAE alone (oracle encoded and decoded): "
+                      f"{num(v['colourfulness'], '.1f')}, person PSNR {num(v['psnr_foreground'], '.2f')} dB" if v else "") + ".")
+        table += "\n"
     ident = os.path.join(results_dir, "identity.json")
     if os.path.exists(ident):  # tools/identity_score.py
         d = json.load(open(ident))
