@@ -147,8 +147,8 @@ if [ "$DATASET" = demo ]; then
     REID=(--arch resnet18 --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 16 --K 4
           --iters 3200 --lr-steps 2400 --extra-per-id 1 --extra-label-smoothing 0.1 --preload --workers 0)
     SEEDS=${SEEDS:-0 1 2}
-    # the sums of the stage times of the recorded --tables run (README, "Results on the demo world")
-    [ $DRY = 1 ] || echo "expected time: about $([ $TABLES = 1 ] && echo 85 || echo 35) minutes on a 2-core CPU (rerunning resumes)"
+    # measured stage times (README): the plain run ~40 min on an idle 2-core machine, --tables ~1 h more
+    [ $DRY = 1 ] || echo "expected time: about $([ $TABLES = 1 ] && echo 100 || echo 40) minutes on a 2-core CPU (rerunning resumes)"
   fi
   DATA_ROOT=$RUN/world
   SPLITS="same:$DATA_ROOT shifted:$DATA_ROOT/shifted"
@@ -250,9 +250,11 @@ reid() {  # reid ROW SEED: train one model, evaluate it on every split
 # On the CPU demo the runs go two at a time with one thread each: on 2 cores that trains ~2x as many
 # iterations per minute as one two-thread run (docs/reid.md). Each run's output goes to its log;
 # stage_times.csv gets the wall time of the whole pool (per-run times: reid_run_times.csv).
-JOBS=${REID_JOBS:-$([ "$DATASET" = demo ] && [ "${DEVICE:-cpu}" = cpu ] && [ $DRY = 0 ] && echo 2 || echo 1)}
-if [ "$JOBS" -gt 1 ]; then
-  THREADS=(--threads 1); t0=$SECONDS; FAILED=$RUN/reid/failed
+JOBS=${REID_JOBS:-$([ "$DATASET" = demo ] && [ "${DEVICE:-cpu}" = cpu ] && echo 2 || echo 1)}
+[ "$JOBS" = 1 ] || THREADS=(--threads 1)
+[ "$JOBS" = 1 ] || [ $DRY = 0 ] || echo "# (the Re-ID runs below go $JOBS at a time)"
+if [ "$JOBS" -gt 1 ] && [ $DRY = 0 ]; then
+  t0=$SECONDS; FAILED=$RUN/reid/failed
   mkdir -p "$RUN/reid"; rm -f "$FAILED"
   for v in $ROWS; do
     for seed in $SEEDS; do
