@@ -69,7 +69,7 @@ def vae_ceiling(generator, images, masks):
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() * 2 - 1
     with torch.no_grad():
         rec = torch.cat([models.decode_latents(vae, models.encode_latents(vae, x[i:i + 64])) for i in range(0, len(x), 64)])
-    rec = ((rec.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).double().numpy()
+    rec = models.to_uint8(rec) / 255.0  # what a written image of the reconstruction would hold
     return dict(psnr_foreground=float(np.mean([psnr(r, o, m) for r, o, m in zip(rec, images, masks)])),
                 colourfulness=float(np.mean([colourfulness(r, m) for r, m in zip(rec, masks)])), n=len(images))
 
