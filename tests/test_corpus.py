@@ -1,0 +1,214 @@
+"""demo/corpus.py, the demo generator's pretraining corpus: layout and counts, pids apart from the
+world's, byte-identical reruns and worker counts, one identity per video in many poses and views,
+re-renderable from identities.json, maps that 01 conditions reproduces from the smpl npz, 02's
+stage 1 trains on it, and a rerun with other settings stops with one line. CPU, offline."""
+import os
+import sys
+import json
+import glob
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages import ROOT  # noqa: E402  (puts the repository root on sys.path)
+os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+import common  # noqa: E402
+import body  # noqa: E402
+from demo.world import World  # noqa: E402
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+CORPUS = os.path.join(ROOT, "demo", "corpus.py")
+PEOPLE, FRAMES, PID_START = 4, 4, 100001  # what --smoke builds
+PIDS = list(range(PID_START, PID_START + PEOPLE))
+
+
+def script(path, *args, timeout=300):
+    return subprocess.run([sys.executable, path, *map(str, args)], env=ENV, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def files(root):
+    """{relative path: bytes} of every file under root, npz files as {key: array} (np.savez stamps
+    the zip entries with the time of writing, so their bytes differ between identical runs)."""
+    out = {}
+    for p in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
+        if os.path.isfile(p):
+            rel = os.path.relpath(p, root)
+            if p.endswith(".npz"):
+                with np.load(p) as z:
+                    out[rel] = {k: z[k] for k in z.files}
+            else:
+                with open(p, "rb") as f:
+                    out[rel] = f.read()
+    return out
+
+
+def assert_same(a, b):
+    assert sorted(a) == sorted(b)
+    for rel in a:
+        if isinstance(a[rel], dict):
+            assert sorted(a[rel]) == sorted(b[rel]), rel
+            for k in a[rel]:
+                assert np.array_equal(a[rel][k], b[rel][k]), f"{rel}:{k}"
+        else:
+            assert a[rel] == b[rel], rel
+
+
+def image(path):
+    return np.asarray(Image.open(path)).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The smoke corpus twice: with 2 workers and with 1."""
+    root = tmp_path_factory.mktemp("corpus")
+    out = {}
+    for workers in (2, 1):
+        d = str(root / f"w{workers}")
+        r = script(CORPUS, "--out", d, "--smoke", "--workers", workers)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"{PEOPLE} to render" in r.stdout and "images/s" in r.stdout
+        out[workers] = d
+    return out
+
+
+def test_smoke_layout_counts_and_pids_apart_from_the_world(corpus):
+    d = corpus[2]
+    vids = [f"{p:06d}" for p in PIDS]
+    assert sorted(os.listdir(os.path.join(d, "frames"))) == vids
+    assert sorted(os.listdir(os.path.join(d, "conditions"))) == vids
+    assert sorted(os.listdir(os.path.join(d, "smpl"))) == [v + ".npz" for v in vids]
+    assert not os.path.exists(os.path.join(d, ".partial"))
+    for v in vids:
+        stems = [f"{i:03d}" for i in range(FRAMES)]
+        assert sorted(os.listdir(os.path.join(d, "frames", v))) == [s + ".png" for s in stems]
+        assert sorted(os.listdir(os.path.join(d, "conditions", v))) == \
+            sorted(f"{s}.{k}.png" for s in stems for k in common.COND_KINDS)
+        for s in stems:
+            assert Image.open(os.path.join(d, "frames", v, s + ".png")).size == (64, 128)
+            maps = body.load_conditions(os.path.join(d, "conditions", v), s)
+            assert maps["depth"].shape == (1, 128, 64) and maps["normal"].shape == (3, 128, 64)
+            m = maps["depth"][0].numpy() > 0  # the body's box fills the frame like a Re-ID crop (body.FILL)
+            assert max(m.any(1).mean(), m.any(0).mean()) > 0.85
+        p = body.load_params(os.path.join(d, "smpl", v + ".npz"))  # the sidecar keys of docs/formats.md
+        assert list(p["names"]) == [s + ".png" for s in stems]
+        assert p["K"].shape == (FRAMES, 3, 3) and (p["image_size"] == [128, 64]).all()
+    with open(os.path.join(d, "identities.json")) as f:
+        meta = json.load(f)
+    pids = [i["pid"] for i in meta["identities"]]
+    assert pids == PIDS and not set(pids) & set(range(1, 221))  # the world's ids are 1..220
+    assert len(meta["styles"]) == 2 * PEOPLE and meta["config"]["frames"] == FRAMES
+
+
+def test_workers_and_rerenders_give_identical_files(corpus, tmp_path):
+    a, b = files(corpus[2]), files(corpus[1])
+    assert len(a) == PEOPLE * (4 * FRAMES + 1) + 1
+    assert_same(a, b)  # 2 workers == 1 worker
+    # a video deleted, and one interrupted before its npz (frames in place, one of them garbage,
+    # a stale .partial): both are rendered again, the finished ones are skipped
+    c = str(tmp_path / "c")
+    shutil.copytree(corpus[1], c)
+    for d in ("frames", "conditions"):
+        shutil.rmtree(os.path.join(c, d, "100002"))
+    os.remove(os.path.join(c, "smpl", "100002.npz"))
+    os.remove(os.path.join(c, "smpl", "100003.npz"))
+    common.save_image(os.path.join(c, "frames", "100003", "000.png"), np.zeros((128, 64, 3), np.uint8))
+    common.save_image(os.path.join(c, ".partial", "frames", "100003", "009.png"), np.zeros((128, 64, 3), np.uint8))
+    r = script(CORPUS, "--out", c, "--smoke", "--workers", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{PEOPLE - 2} videos exist, 2 to render" in r.stdout
+    assert_same(files(c), a)
+
+
+def test_one_identity_per_video_in_many_poses_and_views(corpus):
+    d = corpus[1]
+    with open(os.path.join(d, "identities.json")) as f:
+        meta = json.load(f)
+    ids = {i["pid"]: i for i in meta["identities"]}
+    style_names = {s["name"] for s in meta["styles"]}
+    betas = []
+    for pid in PIDS:
+        v = f"{pid:06d}"
+        p = body.load_params(os.path.join(d, "smpl", v + ".npz"))
+        # one identity: the same betas in every frame, those of identities.json
+        assert np.array_equal(p["betas"], np.tile(np.float32(ids[pid]["betas"]), (FRAMES, 1)))
+        betas.append(p["betas"][0])
+        # many poses and views: no two frames share a pose, a viewpoint or an image
+        pose = np.concatenate([p["global_orient"], p["body_pose"]], 1)
+        for i in range(FRAMES):
+            for j in range(i):
+                assert np.abs(pose[i] - pose[j]).max() > 1e-3
+        assert len(set(p["azimuth"].tolist())) == FRAMES
+        assert (0 <= p["elevation"]).all() and (p["elevation"] <= 30).all()
+        assert (0 <= p["azimuth"]).all() and (p["azimuth"] < 360).all()
+        imgs = [image(os.path.join(d, "frames", v, f"{i:03d}.png")) for i in range(FRAMES)]
+        assert all(np.abs(imgs[i] - imgs[j]).mean() > 1 for i in range(FRAMES) for j in range(i))
+        assert set(p["style"].tolist()) <= style_names and all(s.startswith(f"v{pid}_") for s in p["style"])
+        assert set(p["pose_kind"].tolist()) <= set(meta["config"]["pose_kinds"])
+    assert len({tuple(b) for b in betas}) == PEOPLE  # and different people differ
+
+
+def test_world_rerenders_frames_and_01_reproduces_maps(corpus, tmp_path):
+    """identities.json + smpl npz are enough: the World re-renders a frame, 01 conditions its maps
+    (up to float32 rounding of the stored camera: a few pixels off by one level)."""
+    d = corpus[1]
+    with open(os.path.join(d, "identities.json")) as f:
+        meta = json.load(f)
+    w = World(meta)
+    try:
+        for pid in PIDS[:2]:
+            v = f"{pid:06d}"
+            p = body.load_params(os.path.join(d, "smpl", v + ".npz"))
+            for i in range(FRAMES):
+                img, _, _ = w.render(w.ids[pid], p["global_orient"][i], p["body_pose"][i], float(p["elevation"][i]),
+                                     float(p["azimuth"][i]), str(p["style"][i]), tuple(p["image_size"][i]),
+                                     int(p["seed"][i]))
+                diff = np.abs(img.astype(np.int64) - image(os.path.join(d, "frames", v, f"{i:03d}.png")))
+                assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (v, i)
+    finally:
+        w.close()
+    vids = [f"{p:06d}" for p in PIDS]
+    r = script(os.path.join(ROOT, "01_render_smpl.py"), "conditions", "--data", d, "--splits", *vids,
+               "--out", tmp_path / "maps")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for v in vids:
+        for i in range(FRAMES):
+            for k in common.COND_KINDS:
+                a = image(body.cond_path(os.path.join(d, "conditions", v), f"{i:03d}", k))
+                b = image(body.cond_path(str(tmp_path / "maps" / v), f"{i:03d}", k))
+                assert np.abs(a - b).max() <= 2 and (a != b).reshape(*a.shape[:2], -1).any(-1).mean() < 0.01, (v, i, k)
+
+
+def test_02_stage1_trains_on_the_smoke_corpus(corpus, tmp_path):
+    d, out = corpus[1], str(tmp_path / "generator_stage1")
+    r = script(os.path.join(ROOT, "02_train_generator.py"), "--stage", 1, "--data", os.path.join(d, "frames"),
+               "--conditions", os.path.join(d, "conditions"), "--out", out, "--from-scratch", "--resolution", "64x128",
+               "--vae-steps", 2, "--vae-batch-size", 2, "--steps", 2, "--batch-size", 2, "--sample-every", 0,
+               "--sample-steps", 2, "--num-val", 2, "--save-every", 2, "--log-every", 1, "--threads", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"read {PEOPLE * FRAMES} images in {PEOPLE} videos" in r.stdout
+    for f in ("reference_unet", "denoising_unet", "guiders.safetensors", "scheduler", "vae", "image_encoder",
+              "args.json", "checkpoint.pt", "log.csv"):
+        assert os.path.exists(os.path.join(out, f)), f
+    with open(os.path.join(out, "log.csv")) as f:
+        assert [l.split(",")[0] for l in f.read().split()[1:]] == ["1", "2"]
+
+
+def test_other_settings_stop_with_one_line(corpus):
+    d = corpus[1]
+    before = files(d)
+    for args, expect in ((("--seed", 7), "seed 1234 -> 7"), (("--frames", 5), "frames 4 -> 5"),
+                         (("--size", "32x64"), "size [128, 64] -> [64, 32]"),
+                         (("--pid-start", 200001), "pid_start 100001 -> 200001")):
+        r = script(CORPUS, "--out", d, "--people", PEOPLE, "--frames", FRAMES, *args, "--workers", 1)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "other settings" in lines[0], lines
+        assert expect in lines[0], lines
+    for args in (("--size", "64by128"), ("--pid-start", 5), ("--frames", 1)):  # bad input: one line too
+        r = script(CORPUS, "--out", d, *args, "--workers", 1)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert_same(files(d), before)  # nothing was written
