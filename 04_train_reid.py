@@ -61,6 +61,9 @@ p.add_argument("--extra-per-id", type=int, default=0, help="CamStyle-style mixin
                "of real images only (as without augmentation), plus this many generated images of each identity")
 p.add_argument("--extra-label-smoothing", type=float, default=0.0,
                help="with --extra-per-id: label smoothing of the generated images' cross-entropy (CamStyle)")
+p.add_argument("--extra-weight", type=float, default=1.0,
+               help="with --extra-per-id: weight of the generated images' mean cross-entropy beside the real images' "
+               "(CamStyle: 1)")
 p.add_argument("--extra-triplet", choices=["all", "real"], default="all",
                help="with --extra-per-id: the triplet loss over real + generated images, or real only")
 p.add_argument("--workers", type=int, default=2)
@@ -289,12 +292,13 @@ def main():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             feat, logits = ddp_model(x)
         feat, logits = feat.float(), logits.float()
-        if mixing:  # cross-entropy: mean over real + mean over generated (smoothed) images
+        if mixing:  # cross-entropy: mean over real + weight x mean over generated (smoothed) images
             tri = slice(None) if args.extra_triplet == "all" else slice(0, n_real)
             l_tri = common.triplet_loss(feat[tri], y[tri], args.margin)
             l_ce = F.cross_entropy(logits[:n_real], y[:n_real])
             if len(y) > n_real:
-                l_ce = l_ce + F.cross_entropy(logits[n_real:], y[n_real:], label_smoothing=args.extra_label_smoothing)
+                l_ce = l_ce + args.extra_weight * F.cross_entropy(logits[n_real:], y[n_real:],
+                                                                  label_smoothing=args.extra_label_smoothing)
         else:
             l_tri = common.triplet_loss(feat, y, args.margin)
             l_ce = F.cross_entropy(logits, y)

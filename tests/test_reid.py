@@ -398,7 +398,7 @@ def test_extra_per_id_training_run(tmp_path):
         common.save_image(str(extra / f"{1 + i % 8:04d}_c1s0_{i:06d}_00.jpg"), np.full((32, 16, 3), 40 * (i % 6), np.uint8))
     out = tmp_path / "mix"
     run("04_train_reid.py", "--data-root", root, "--extra-train", extra, "--out", out, "--iters", 3, "--log-every", 1,
-        "--extra-per-id", 2, "--extra-label-smoothing", 0.1, "--extra-triplet", "real", "--preload", *TINY)
+        "--extra-per-id", 2, "--extra-label-smoothing", 0.1, "--extra-weight", 0.5, "--extra-triplet", "real", "--preload", *TINY)
     ce = [float(l.split(",")[3]) for l in (out / "log.csv").read_text().splitlines()[1:]]
     assert len(ce) == 3 and np.isfinite(ce).all()
 
