@@ -14,7 +14,8 @@ the VAE and the CLIP image encoder stay frozen.
 Weights: --pretrained runwayml/stable-diffusion-v1-5 (or a local diffusers folder with unet/ vae/
 [scheduler/]) + --image-encoder (CLIP vision with projection, e.g. lambdalabs/sd-image-variations-
 diffusers with --image-encoder-subfolder image_encoder), or --from-scratch: tiny configs for a CPU
-(a small AutoencoderKL trained on the training images first, a tiny random frozen CLIP).
+(a small AutoencoderKL trained on the training images first, a tiny frozen CLIP: random, or
+pretrained on the demo's corpus by demo/image_encoder.py and given with --image-encoder).
 
 Writes into --out: reference_unet/, denoising_unet/ (diffusers folders), guiders.safetensors,
 scheduler/ (the noise schedule trained with; 03 samples with the same config), vae/ and
@@ -56,7 +57,8 @@ def parse_args(argv=None):
                    "(-1: a quarter of the video)")
     w = p.add_argument_group("weights (exactly one of --pretrained, --from-scratch, --init)")
     w.add_argument("--pretrained", help="SD-1.5 hub id or local diffusers folder (unet/, vae/, [scheduler/])")
-    w.add_argument("--image-encoder", help="CLIPVisionModelWithProjection hub id or folder (with --pretrained)")
+    w.add_argument("--image-encoder", help="CLIPVisionModelWithProjection hub id or folder (needed with --pretrained; "
+                   "with --from-scratch it replaces the random tiny one, e.g. demo/image_encoder.py's)")
     w.add_argument("--image-encoder-subfolder", default=None, help="subfolder of --image-encoder (default: "
                    "image_encoder/ when the encoder is there, as in lambdalabs/sd-image-variations-diffusers)")
     w.add_argument("--from-scratch", action="store_true", help="tiny configs for CPU / the demo world")
@@ -64,7 +66,8 @@ def parse_args(argv=None):
     s = p.add_argument_group("--from-scratch model sizes")
     s.add_argument("--unet-channels", default="32,64", help="U-Net block widths (every block has attention)")
     s.add_argument("--vae-channels", default="16,32,64,64", help="VAE block widths; factor 2^(len-1) (8, like SD)")
-    s.add_argument("--clip-dim", type=int, default=64, help="tiny CLIP projection dim = U-Net cross-attention dim")
+    s.add_argument("--clip-dim", type=int, default=64, help="random tiny CLIP's projection dim = U-Net "
+                   "cross-attention dim (with --image-encoder: that encoder's)")
     s.add_argument("--vae-steps", type=int, default=600)
     s.add_argument("--vae-lr", type=float, default=1e-3)
     s.add_argument("--vae-batch-size", type=int, default=8)
@@ -215,14 +218,6 @@ def tiny_unet(args, latent_hw, cross_dim):
         cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=min(8, ch[0]))
 
 
-def tiny_clip(args):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    torch.manual_seed(args.seed + 7)
-    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=64, patch_size=8, projection_dim=args.clip_dim)
-    return CLIPVisionModelWithProjection(cfg)
-
-
 def train_vae(args, items, device):
     """The small AutoencoderKL of --from-scratch: L1 + MSE reconstruction, a light KL, on (up to
     2,000 of) the training images; scaling_factor set to 1/std of the latents like SD's."""
@@ -309,10 +304,15 @@ def build(args, items, device, is_main):
                 models.save_pretrained_atomic(vae, vae_dir)
                 print(f"wrote {vae_dir}")
         f = models.vae_factor(vae)
-        unet = tiny_unet(args, (args.size[0] // f, args.size[1] // f), args.clip_dim)
-        enc = tiny_clip(args)
+        if args.image_encoder:  # e.g. pretrained on the demo's corpus by demo/image_encoder.py
+            enc = models.from_pretrained(CLIPVisionModelWithProjection, args.image_encoder,
+                                         args.image_encoder_subfolder, what="image encoder")
+            print(f"image encoder from '{args.image_encoder}'")
+        else:
+            enc = models.tiny_clip(args.clip_dim, args.seed + 7)
+        unet = tiny_unet(args, (args.size[0] // f, args.size[1] // f), enc.config.projection_dim)
         schedule = dict(models.SD15_SCHEDULE)
-        sources = dict(pretrained=None, image_encoder=None, image_encoder_subfolder=None)
+        sources = dict(pretrained=None, image_encoder=args.image_encoder, image_encoder_subfolder=args.image_encoder_subfolder)
         owned = True
     if enc.config.projection_dim != unet.config.cross_attention_dim:
         raise UserError(f"image encoder projection dim {enc.config.projection_dim} != U-Net cross_attention_dim "

@@ -48,16 +48,32 @@ def decode_latents(vae, z):
     return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
 
 
-@torch.no_grad()
-def clip_embed(image_encoder, images):
-    """images (B, 3, H, W) in [-1, 1] -> (B, 1, D) image_embeds, the cross-attention context of
-    both U-Nets. The whole crop is resized to the encoder's square input (CLIP's own
-    preprocessing centre-crops the short side, which cuts head and feet off a person crop)."""
+def clip_pixels(image_encoder, images):
+    """images (B, 3, H, W) in [-1, 1] -> the encoder's pixel_values. The whole crop is resized to
+    the encoder's square input (CLIP's own preprocessing centre-crops the short side, which cuts
+    head and feet off a person crop), then normalised with CLIP's mean and std."""
     s = image_encoder.config.image_size
     x = F.interpolate((images.float() + 1) / 2, size=(s, s), mode="bicubic", align_corners=False, antialias=True)
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    return image_encoder(pixel_values=((x - mean) / std).to(image_encoder.dtype)).image_embeds[:, None]
+    return ((x - mean) / std).to(image_encoder.dtype)
+
+
+@torch.no_grad()
+def clip_embed(image_encoder, images):
+    """images (B, 3, H, W) in [-1, 1] -> (B, 1, D) image_embeds, the cross-attention context of
+    both U-Nets."""
+    return image_encoder(pixel_values=clip_pixels(image_encoder, images)).image_embeds[:, None]
+
+
+def tiny_clip(projection_dim=64, seed=0):
+    """A small random CLIPVisionModelWithProjection: the demo's stand-in for CLIP (64x64 input,
+    2 layers), frozen in 02 as CLIP is in the paper; demo/image_encoder.py can pretrain it."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=8, projection_dim=projection_dim)
+    return CLIPVisionModelWithProjection(cfg)
 
 
 def to_uint8(images):

@@ -212,3 +212,33 @@ def test_other_settings_stop_with_one_line(corpus):
         r = script(CORPUS, "--out", d, *args, "--workers", 1)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert_same(files(d), before)  # nothing was written
+
+
+def test_image_encoder_pretrains_rescales_and_02_uses_it(corpus, tmp_path):
+    """demo/image_encoder.py on the smoke corpus: the saved encoder's embeddings have norm ~sqrt(dim)
+    (the rescale lives in the weights), and 02 --from-scratch --image-encoder takes it frozen as it
+    is: its generator folder's encoder gives the same embeddings, and the U-Nets' cross-attention
+    width follows the encoder's (32 here, not 02's random encoder's 64)."""
+    import torch
+    from transformers import CLIPVisionModelWithProjection
+    import models
+    d, enc_dir, gen_dir = corpus[1], str(tmp_path / "enc"), str(tmp_path / "gen")
+    r = script(os.path.join(ROOT, "demo", "image_encoder.py"), "--corpus", d, "--out", enc_dir, "--steps", 20,
+               "--people", 2, "--dim", 32, "--holdout", 0.5, "--threads", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.load(open(os.path.join(enc_dir, "encoder.json")))
+    assert stats["videos"] == PEOPLE and stats["frames"] == PEOPLE * FRAMES and stats["heldout_videos"] == 2
+    x = torch.stack([models.load_image_tensor(p, (128, 64))
+                     for p in sorted(glob.glob(os.path.join(d, "frames", "*", "*.png")))])
+    enc = CLIPVisionModelWithProjection.from_pretrained(enc_dir).eval()
+    e = models.clip_embed(enc, x)[:, 0]
+    assert e.shape == (PEOPLE * FRAMES, 32)
+    assert abs(float(e.norm(dim=1).mean()) / np.sqrt(32) - 1) < 0.1
+    r = script(os.path.join(ROOT, "02_train_generator.py"), "--stage", 1, "--data", os.path.join(d, "frames"),
+               "--conditions", os.path.join(d, "conditions"), "--out", gen_dir, "--from-scratch", "--image-encoder",
+               enc_dir, "--resolution", "64x128", "--vae-steps", 2, "--vae-batch-size", 2, "--steps", 1,
+               "--batch-size", 2, "--sample-every", 0, "--num-val", 2, "--save-every", 1, "--threads", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    gen, _, enc2, _, _ = models.load_generator(gen_dir)
+    assert gen.denoising_unet.config.cross_attention_dim == 32
+    assert torch.equal(models.clip_embed(enc2, x)[:, 0], e)
