@@ -80,6 +80,10 @@ def parse_args(argv=None):
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--max-grad-norm", type=float, default=1.0)
     t.add_argument("--drop-prob", type=float, default=0.1, help="null condition (reference + CLIP dropped together)")
+    t.add_argument("--min-snr-gamma", type=float, default=0.0, help="weight each sample's loss by min(SNR, gamma) / SNR "
+                   "(Hang et al. 2023; Moore-AnimateAnyone and Champ use 5); 0: the plain MSE of the paper's eq. 1")
+    t.add_argument("--ema", type=float, default=0.0, help="keep an exponential moving average of the weights with this "
+                   "decay (e.g. 0.999) and export it (what 03 samples with) instead of the last weights; 0: off")
     t.add_argument("--amp", action="store_true", help="bf16 autocast (use on GPU)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less "
                    "memory for about a third more time (with --optimizer adamw8bit: SD-1.5 size on 24 GB GPUs)")
@@ -195,6 +199,14 @@ class PairData(torch.utils.data.Dataset):
         (tp, tc, ts), (rp, _, _) = self.items[tgt], self.items[ref]
         return (models.load_image_tensor(tp, self.size), models.load_image_tensor(rp, self.size),
                 body.load_conditions(tc, ts, self.size))
+
+
+def min_snr_weights(noise_sched, t, gamma):
+    """Per-sample loss weights of min-SNR-gamma: the many low-noise timesteps, which an epsilon
+    loss weights heavily though they teach little, count as much as a timestep of SNR gamma."""
+    from diffusers.training_utils import compute_snr
+    snr = compute_snr(noise_sched, t)
+    return snr.clamp(max=gamma) / (snr if noise_sched.config.prediction_type == "epsilon" else snr + 1)
 
 
 def batches(start_micro, batch_size, rank, world):
@@ -403,6 +415,12 @@ def main():
     else:
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
+    ema = None
+    if args.ema:  # diffusers' EMAModel: a shadow copy of every weight (its decay ramps up over the first steps)
+        from diffusers.training_utils import EMAModel
+        ema = EMAModel(list(gen.parameters()), decay=args.ema)
+        print(f"EMA of the weights (decay {args.ema}): exported and sampled instead of the last weights")
+
     # ---- resume
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     log_path = os.path.join(args.out, "log.csv")
@@ -411,6 +429,10 @@ def main():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         gen.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
+        if ema is not None:
+            if "ema" not in ck:
+                raise UserError(f"'{ckpt_path}' was trained without --ema: resume without it, or use a new --out")
+            ema.load_state_dict(ck["ema"])
         start = ck["step"]
         random.setstate(ck["rng"]["python"])
         np.random.set_state(ck["rng"]["numpy"])
@@ -447,11 +469,26 @@ def main():
                                          num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
     it = iter(loader)
 
+    @contextlib.contextmanager
+    def ema_weights():  # the EMA weights in gen for a while (export, samples), then the trained ones back
+        if ema is None:
+            yield
+            return
+        ema.store(gen.parameters())
+        ema.copy_to(gen.parameters())
+        try:
+            yield
+        finally:
+            ema.restore(gen.parameters())
+
     def save(step):
-        models.save_generator(args.out, gen)
+        with ema_weights():
+            models.save_generator(args.out, gen)
         rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         ck = dict(model=gen.state_dict(), opt=opt.state_dict(), step=step, rng=rng, args=vars(args))
+        if ema is not None:
+            ck["ema"] = ema.state_dict()
         common.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))  # written last: it marks a complete save
 
     def write_log():
@@ -488,13 +525,19 @@ def main():
             with sync:
                 with autocast():
                     pred = model(noisy, t, emb, conds, ref_lat, ref_emb, index)
-                loss = F.mse_loss(pred.float(), target)  # paper eq. 1
+                if args.min_snr_gamma:
+                    per = F.mse_loss(pred.float(), target, reduction="none").mean((1, 2, 3))
+                    loss = (per * min_snr_weights(noise_sched, t, args.min_snr_gamma)).mean()
+                else:
+                    loss = F.mse_loss(pred.float(), target)  # paper eq. 1
                 (loss / args.grad_accum).backward()
             losses.append(loss.item())
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(gen.parameters())
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
             dt = (time.time() - t_last) / len(losses) * args.grad_accum
@@ -505,7 +548,8 @@ def main():
                 bar.set_postfix(loss=f"{np.mean(losses):.4f}", s_per_step=f"{dt:.3f}")
             losses, t_last = [], time.time()
         if is_main and ((args.sample_every and done % args.sample_every == 0) or done == args.steps):
-            grid = sample_grid(gen, vae, enc, schedule, val, args, device, autocast)
+            with ema_weights():
+                grid = sample_grid(gen, vae, enc, schedule, val, args, device, autocast)
             common.save_image(os.path.join(args.out, "samples", f"step_{done:06d}.png"), grid)
         if is_main and (done % args.save_every == 0 or done == args.steps):
             save(done)

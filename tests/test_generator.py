@@ -604,3 +604,42 @@ def test_skip_missing_conditions_drops_images_and_small_groups(tmp_path):
         s02.check_conditions(items, groups)
     # [2, 3] loses its partner and goes; [3, 4, 0] keeps the two with maps
     assert s02.check_conditions(items, groups, skip_missing=True) == [[0, 1], [4, 0]]
+
+
+def test_min_snr_weights_by_hand():
+    """min(SNR, gamma) / SNR from SD-1.5's schedule computed here from its betas (scaled_linear)."""
+    from diffusers import DDPMScheduler
+    s02 = load_stage("02_train_generator.py")
+    sched = DDPMScheduler.from_config(models.SD15_SCHEDULE)
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    abar = np.cumprod(1 - betas)
+    t = torch.tensor([0, 10, 100, 500, 999])
+    snr = abar[t.numpy()] / (1 - abar[t.numpy()])
+    w = s02.min_snr_weights(sched, t, 5.0).numpy()
+    np.testing.assert_allclose(w, np.minimum(snr, 5.0) / snr, rtol=1e-4)
+    assert w[0] < 0.01 and w[-1] == 1.0  # t=0: SNR ~1,000 -> ~0.004; t=999: SNR < 5 -> 1
+    vsched = DDPMScheduler.from_config(dict(models.SD15_SCHEDULE, prediction_type="v_prediction"))
+    np.testing.assert_allclose(s02.min_snr_weights(vsched, t, 5.0).numpy(), np.minimum(snr, 5.0) / (snr + 1), rtol=1e-4)
+
+
+def test_02_ema_exported_and_resumed_exactly(world, tmp_path):
+    """--ema: the folder holds the EMA weights (not the last ones), and a run stopped at step 3 and
+    resumed to 6 ends with the same weights and the same EMA as a straight run (with min-SNR on)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extra = ("--ema", 0.9, "--min-snr-gamma", 5, "--save-every", 3)
+    r = script("02_train_generator.py", *train_args(world, a, 6, *extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "EMA of the weights (decay 0.9)" in r.stdout
+    for steps in (3, 6):
+        r = script("02_train_generator.py", *train_args(world, b, steps, *extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    ca, cb = read_ckpt(a), read_ckpt(b)
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert ca["ema"]["optimization_step"] == cb["ema"]["optimization_step"] == 6
+    assert all(torch.equal(x, y) for x, y in zip(ca["ema"]["shadow_params"], cb["ema"]["shadow_params"]))
+    gen, *_ = models.load_generator(a)
+    exported = list(gen.parameters())
+    assert all(torch.equal(p.cpu(), s.cpu()) for p, s in zip(exported, ca["ema"]["shadow_params"]))
+    trained_params = [ca["model"][k] for k, _ in gen.named_parameters()]
+    assert any(not torch.equal(p, q) for p, q in zip(exported, trained_params))  # EMA != the last weights
