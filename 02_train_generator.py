@@ -5,7 +5,7 @@ the VAE and the CLIP image encoder stay frozen.
 
   stage 2 (default): pairs (reference, target) = two different images of one person id, from a
       Market-1501-layout root and the condition maps of its training images:
-        python 02_train_generator.py --data runs/demo/world --conditions runs/demo/conditions \
+        python 02_train_generator.py --data runs/demo/world --conditions runs/demo/conditions \\
             --out runs/demo/generator --from-scratch --resolution 64x128 --lr 5e-4 --steps 4800
   stage 1: pairs = two frames of one video far apart; generic layout <data>/<video_id>/<frame>.png
       with maps <conditions>/<video_id>/<frame>.{depth,normal,skeleton}.png. A stage-2 run starts

@@ -2,7 +2,7 @@
 Stage 03: generate the pose-diversified augmentation (paper 3.2 + 4.1) with a generator that
 02_train_generator.py trained.
 
-  python 03_generate.py --generator runs/demo/generator --data runs/demo/world \
+  python 03_generate.py --generator runs/demo/generator --data runs/demo/world \\
       --targets runs/demo/targets/vi --out runs/demo/augmented/vi [--num-images N]
 
 For every person id of <data>/bounding_box_train, 5-7 reference images are sampled

@@ -8,9 +8,9 @@ horizontal flip + pad/crop. Rerunning the same command resumes from <out>/checkp
 
   python 04_train_reid.py --data-root data/market1501 --out runs/market1501/reid/base
   python 04_train_reid.py --data-root runs/demo/world --extra-train runs/demo/augmented/vi/bounding_box_train \\
-      --arch resnet18 --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 16 --K 4 \
-      --iters 3200 --lr-steps 2400 --extra-per-id 1 --extra-label-smoothing 0.1 --preload --workers 0 \
-      --out runs/demo/reid/vi_s0      # the CPU demo: from scratch, BNNeck, CamStyle mixing (docs/reid.md)
+      --arch resnet18 --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 16 --K 4 \\
+      --iters 2400 --lr-steps 1800 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload \\
+      --workers 0 --out runs/demo/reid/vi_s0      # the CPU demo: from scratch, BNNeck, CamStyle mixing (docs/reid.md)
   torchrun --nproc_per_node 2 04_train_reid.py ...     # DDP: P identities split over the GPUs
 """
 import os

@@ -5,7 +5,7 @@ PSNR (whole image and person only), SSIM and foreground-mask IoU, with two contr
 the same identity in ANOTHER target pose (pose-shuffled: does the sample follow the pose?) and the
 oracle of ANOTHER identity in the same target pose (does it keep the identity?).
 
-  python demo/fidelity.py --generated runs/demo/augmented/vi --oracle runs/demo/augmented/oracle \
+  python demo/fidelity.py --generated runs/demo/augmented/vi --oracle runs/demo/augmented/oracle \\
       [--out runs/demo/results/fidelity.json] [--sheet sheet.png --data runs/demo/world --targets runs/demo/targets/vi]
 
 Writes <generated>/fidelity.json (--out), and with --sheet a PNG of references and their

@@ -4,7 +4,7 @@ i.e. the source identity rendered in the target's pose and viewpoint (the target
 it lines up with the target maps) under the world's oracle camera style. Flawless "generated"
 images: the yardstick for the generator (demo/fidelity.py) and for the Re-ID rows (Table 1's ORACLE).
 
-  python demo/oracle.py --manifest runs/demo/augmented/vi/manifest.csv --targets runs/demo/targets/vi \
+  python demo/oracle.py --manifest runs/demo/augmented/vi/manifest.csv --targets runs/demo/targets/vi \\
       --world runs/demo/world --out runs/demo/augmented/oracle
 
 Writes the same file names and layout as the manifest's folder + masks/<stem>.mask.png + a copy of

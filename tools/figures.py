@@ -2,7 +2,7 @@
 Figure 3 of the paper for a data set and a target set: the viewpoint distributions (elevation x
 azimuth) and a t-SNE of the SMPL body poses, plus contact sheets of the images and condition maps.
 
-  python tools/figures.py --data runs/demo/world --targets runs/demo/targets/vi --out runs/demo/results/figures \
+  python tools/figures.py --data runs/demo/world --targets runs/demo/targets/vi --out runs/demo/results/figures \\
       [--conditions runs/demo/conditions] [--smpl runs/market1501/smpl]
 """
 import os
