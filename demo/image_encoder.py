@@ -36,17 +36,18 @@ def load_corpus(root, size):
     if not os.path.isdir(fdir):
         raise common.UserError(f"'{root}' has no frames/ folder: make the corpus with 'python demo/corpus.py --out {root}'")
     videos = sorted(v for v in os.listdir(fdir) if os.path.isdir(os.path.join(fdir, v)))
+    names = [sorted(f for f in os.listdir(os.path.join(fdir, v)) if f.lower().endswith(common.IMAGE_EXTS))
+             for v in videos]
+    if len(videos) < 4 or min(len(n) for n in names) < 2:  # checked before any image is read
+        raise common.UserError(f"corpus '{root}' needs 4+ videos of 2+ frames each (found {len(videos)} videos, "
+                               f"{sum(len(n) < 2 for n in names)} of them with fewer than 2 frames)")
     frames, video = [], []
-    for k, v in enumerate(tqdm(videos, desc="reading corpus", unit="video")):
-        for f in sorted(os.listdir(os.path.join(fdir, v))):
-            if f.lower().endswith(common.IMAGE_EXTS):
-                with Image.open(os.path.join(fdir, v, f)) as im:
-                    frames.append(np.asarray(im.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)))
-                video.append(k)
-    video = np.array(video)
-    if len(videos) < 4 or np.bincount(video).min() < 2:
-        raise common.UserError(f"corpus '{root}' needs 4+ videos of 2+ frames each (found {len(videos)} videos)")
-    return np.stack(frames), video
+    for k, (v, fs) in enumerate(zip(tqdm(videos, desc="reading corpus", unit="video"), names)):
+        for f in fs:
+            with Image.open(os.path.join(fdir, v, f)) as im:
+                frames.append(np.asarray(im.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)))
+            video.append(k)
+    return np.stack(frames), np.array(video)
 
 
 def as_input(u8):

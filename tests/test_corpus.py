@@ -15,7 +15,11 @@ from PIL import Image
 
 from stages import ROOT  # noqa: E402  (puts the repository root on sys.path)
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+# transformers' CLIP imports torch._dynamo, which loads triton: doing that after a test has rendered
+# in this process (OSMesa) segfaults, so it is imported here, before anything renders
+from transformers import CLIPVisionModelWithProjection  # noqa: E402
 import common  # noqa: E402
+import models  # noqa: E402
 import body  # noqa: E402
 from demo.world import World  # noqa: E402
 
@@ -220,8 +224,6 @@ def test_image_encoder_pretrains_rescales_and_02_uses_it(corpus, tmp_path):
     is: its generator folder's encoder gives the same embeddings, and the U-Nets' cross-attention
     width follows the encoder's (32 here, not 02's random encoder's 64)."""
     import torch
-    from transformers import CLIPVisionModelWithProjection
-    import models
     d, enc_dir, gen_dir = corpus[1], str(tmp_path / "enc"), str(tmp_path / "gen")
     r = script(os.path.join(ROOT, "demo", "image_encoder.py"), "--corpus", d, "--out", enc_dir, "--steps", 20,
                "--people", 2, "--dim", 32, "--holdout", 0.5, "--threads", 1)
@@ -242,3 +244,15 @@ def test_image_encoder_pretrains_rescales_and_02_uses_it(corpus, tmp_path):
     gen, _, enc2, _, _ = models.load_generator(gen_dir)
     assert gen.denoising_unet.config.cross_attention_dim == 32
     assert torch.equal(models.clip_embed(enc2, x)[:, 0], e)
+
+
+def test_image_encoder_bad_corpus_is_one_line(corpus, tmp_path):
+    """A corpus with a video folder that holds no frames (or no corpus at all) stops with one line."""
+    bad = tmp_path / "bad"
+    shutil.copytree(os.path.join(corpus[1], "frames"), bad / "frames")
+    os.makedirs(bad / "frames" / "999999")  # sorts last: an empty video
+    for root in (bad, tmp_path / "missing"):
+        r = script(os.path.join(ROOT, "demo", "image_encoder.py"), "--corpus", root, "--out", tmp_path / "enc")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "enc")
