@@ -71,6 +71,8 @@ def parse_args(argv=None):
     s.add_argument("--vae-steps", type=int, default=600)
     s.add_argument("--vae-lr", type=float, default=1e-3)
     s.add_argument("--vae-batch-size", type=int, default=8)
+    s.add_argument("--vae-chroma-weight", type=float, default=4.0, help="extra weight of the colour (opponent "
+                   "red-green, yellow-blue) part of the VAE's reconstruction error; 0: plain RGB loss")
     t = p.add_argument_group("training")
     t.add_argument("--resolution", default="192x384", help="WIDTHxHEIGHT of images and maps (paper: 192x384)")
     t.add_argument("--steps", type=int, default=30000, help="optimizer steps in total (a rerun resumes)")
@@ -232,7 +234,10 @@ def tiny_unet(args, latent_hw, cross_dim):
 
 def train_vae(args, items, device):
     """The small AutoencoderKL of --from-scratch: L1 + MSE reconstruction, a light KL, on (up to
-    2,000 of) the training images; scaling_factor set to 1/std of the latents like SD's."""
+    2,000 of) the training images; scaling_factor set to 1/std of the latents like SD's.
+    A small VAE trained briefly on RGB errors learns luminance (edges) first and returns clothes
+    nearly grey, yet clothing colour is most of what tells the demo's people apart: the colour
+    part of the error gets --vae-chroma-weight more (docs/generator.md, "The demo VAE's colours")."""
     from diffusers import AutoencoderKL
     ch = tuple(int(c) for c in args.vae_channels.split(","))
     torch.manual_seed(args.seed + 11)
@@ -248,7 +253,10 @@ def train_vae(args, items, device):
         x = imgs[torch.from_numpy(rng.integers(len(imgs), size=args.vae_batch_size))].to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        d = rec - x
+        chroma = torch.stack([d[:, 0] - d[:, 1], (d[:, 0] + d[:, 1]) / 2 - d[:, 2]], 1)  # opponent colour axes
+        loss = (d.abs().mean() + d.pow(2).mean() + args.vae_chroma_weight * (chroma.abs().mean() + chroma.pow(2).mean())
+                + 1e-6 * post.kl().mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

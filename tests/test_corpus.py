@@ -256,3 +256,37 @@ def test_image_encoder_bad_corpus_is_one_line(corpus, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr[-2000:]
     assert not os.path.exists(tmp_path / "enc")
+
+
+def test_pretrain_smoke_snapshots_export_and_provenance(tmp_path):
+    """demo/pretrain.py --smoke: corpus -> image encoder -> 02 stage 1 in two segments of 2 steps
+    (the second resumes the first: its weights differ from the first snapshot's) -> the export
+    equals the last snapshot file for file, loads like any 02 folder and records its provenance.
+    A rerun finds everything done and trains nothing."""
+    import torch
+    work, out = tmp_path / "work", str(tmp_path / "demo_generator")
+    r = script(os.path.join(ROOT, "demo", "pretrain.py"), "--work", work, "--out", out, "--smoke", "--workers", 1,
+               timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    snaps = work / "snapshots"
+    assert sorted(os.listdir(snaps)) == ["step_000002", "step_000004"]
+    exported = files(out)
+    assert_same({k: v for k, v in exported.items() if k != "provenance.json"}, files(snaps / "step_000004"))
+    assert "checkpoint.pt" not in exported and not any(k.startswith("samples") for k in exported)
+    with open(work / "generator" / "log.csv") as f:
+        assert [l.split(",")[0] for l in f.read().split()[1:]] == ["2", "4"]  # each segment logs its last step
+    g2, _, _, _, _ = models.load_generator(str(snaps / "step_000002"))
+    g4, vae, enc, schedule, a = models.load_generator(out)
+    w2, w4 = g2.denoising_unet.conv_in.weight, g4.denoising_unet.conv_in.weight
+    assert not torch.equal(w2, w4)
+    assert a["stage"] == 1 and a["from_scratch"] and a["ema"] == 0.999
+    prov = json.load(open(os.path.join(out, "provenance.json")))
+    assert sorted(prov["steps"]) == ["corpus", "generator to step 2", "generator to step 4", "image encoder"]
+    assert prov["steps"]["generator to step 4"]["command"].split()[1:3] == ["02_train_generator.py", "--stage"]
+    assert prov["settings"]["steps"] == 4 and prov["machine"]["cpus"] == os.cpu_count()
+    r = script(os.path.join(ROOT, "demo", "pretrain.py"), "--work", work, "--out", out, "--smoke", "--workers", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training" not in r.stderr  # no 02 run: no progress bar
+    again = files(out)
+    assert_same({k: v for k, v in again.items() if k != "provenance.json"},
+                {k: v for k, v in exported.items() if k != "provenance.json"})

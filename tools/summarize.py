@@ -24,6 +24,7 @@ ROWS = {
     "ii": "(II) in-distribution poses and viewpoints",
     "iii": "(III) out-of-distribution poses",
     "iv": "(IV) uniform viewpoints",
+    "v": "(V) = (VI) with a randomly initialised diffusion model",
     "vi": "(VI) both = Diff-ID",
     "oracle": "ORACLE: (VI)'s jobs rendered as ground truth",
 }
