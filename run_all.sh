@@ -122,29 +122,39 @@ stage() {  # [DONE_IF=OUT:IN] stage NAME SCRIPT ARGS...: run a stage script (unl
 #   ii: in-distribution poses + train-like viewpoints   iii: out-of-distribution poses, train-like views
 #   iv: in-distribution poses + uniform viewpoints      vi: both (Diff-ID)
 # (V, a randomly initialised diffusion model, is what the demo's --from-scratch generator is.)
+#   v: (VI)'s targets, from a generator trained from scratch on the train split only (demo --tables)
 declare -A POSES=([ii]=id [iii]=ood [iv]=id [vi]=ood)
 declare -A VIEWS=([ii]=train [iii]=train [iv]=uniform [vi]=uniform)
 VARIANTS=$([ $TABLES = 1 ] && echo "ii iii iv vi" || echo vi)   # what gets generated
+# the demo's "pre-trained diffusion": the generator demo/pretrain.py builds from a corpus of other people
+DEMO_GENERATOR=${DEMO_GENERATOR:-assets/demo_generator}
+if [ "$DATASET" = demo ] && [ $DRY = 0 ] && [ ! -f "$DEMO_GENERATOR/args.json" ]; then
+  echo "error: the demo's pretrained generator '$DEMO_GENERATOR' is missing: rebuild it with 'python demo/pretrain.py --out $DEMO_GENERATOR' (hours on 2 cores) or restore assets/ from git" >&2; exit 2
+fi
 
 if [ "$DATASET" = demo ]; then
   SIZE=64x128
   if [ $SMOKE = 1 ]; then
     WORLD=(--smoke); TARGETS=(--num-poses 4 --views-per-pose 2)
-    GEN=(--from-scratch --vae-steps 30 --steps 20 --sample-every 0 --save-every 20)
+    GEN=(--init "$DEMO_GENERATOR" --steps 20 --batch-size 2 --sample-every 0 --save-every 20)
+    GEN_V=(--from-scratch --vae-steps 30 --steps 20 --sample-every 0 --save-every 20)
     GENERATE=(--refs-per-pid 1 --targets-per-ref 1 --steps 4); FIGURES=(--tsne-max 100); SWEEP=""
     REID=(--arch resnet18 --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 8 --K 4
           --iters 20 --lr-steps 15 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload --workers 0)
     SEEDS=${SEEDS:-0}
   else
     WORLD=(); TARGETS=(--num-poses 20 --views-per-pose 5)
-    # generator: the settings of the measured CPU learning run (docs/generator.md). Re-ID (docs/reid.md):
+    # generator: the shipped pretrained one (demo/pretrain.py) fine-tuned on the train split, batch 16,
+    # EMA, min-SNR like its pretraining; (V) with --tables: the same architecture from scratch on the
+    # train split alone, the settings of the measured CPU learning run (docs/generator.md). Re-ID (docs/reid.md):
     # a ResNet18 with 1/4 of the channels (8x the iterations per minute), from scratch at 64x32, 2,400
     # iterations with lr x0.1 after 1,800 (what fits the time budget with 3 seeds; the curves still rise a
     # little there); lr 1e-3 (the paper's 1e-5 is for fine-tuning ImageNet weights) and a BNNeck: without
     # it the batch-hard triplet collapsed every feature to one point. Generated images join
     # CamStyle-style: (I)'s real P x K batch plus one per identity, their cross-entropy at 1/4 weight
     # (at full weight they cost same-camera accuracy).
-    GEN=(--from-scratch --lr 5e-4 --steps 4800 --sample-every 800)
+    GEN=(--init "$DEMO_GENERATOR" --lr 2e-4 --batch-size 16 --steps 1000 --ema 0.995 --min-snr-gamma 5 --sample-every 250)
+    GEN_V=(--from-scratch --lr 5e-4 --steps 4800 --sample-every 800)
     GENERATE=(--refs-per-pid 1 --targets-per-ref 10); FIGURES=(); SWEEP="300 600"
     REID=(--arch resnet18 --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 16 --K 4
           --iters 2400 --lr-steps 1800 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload --workers 0)
@@ -217,9 +227,15 @@ for v in $VARIANTS; do
 done
 stage generator 02_train_generator.py --data "$DATA_ROOT" --conditions "$RUN/conditions" --out "$RUN/generator" \
   --resolution $SIZE "${GEN[@]}" ${DEVICE:+--device $DEVICE}
+if [ "$DATASET" = demo ] && [ $TABLES = 1 ]; then  # (V): the same architecture, randomly initialised
+  stage "generator (V)" 02_train_generator.py --data "$DATA_ROOT" --conditions "$RUN/conditions" \
+    --out "$RUN/generator_v" --resolution $SIZE "${GEN_V[@]}" ${DEVICE:+--device $DEVICE}
+  VARIANTS="ii iii iv v vi"
+fi
 for v in $VARIANTS; do
   gen=("${GENERATE[@]}"); [ $v = vi ] && [ -n "${GENERATE_VI+x}" ] && gen=("${GENERATE_VI[@]}")
-  stage "generate $v" 03_generate.py --generator "$RUN/generator" --data "$DATA_ROOT" --targets "$RUN/targets/$v" \
+  g=$RUN/generator; t=$v; [ $v = v ] && { g=$RUN/generator_v; t=vi; }
+  stage "generate $v" 03_generate.py --generator "$g" --data "$DATA_ROOT" --targets "$RUN/targets/$t" \
     --out "$RUN/augmented/$v" "${gen[@]}" ${DEVICE:+--device $DEVICE}
 done
 if [ "$DATASET" = demo ]; then

@@ -290,3 +290,33 @@ def test_pretrain_smoke_snapshots_export_and_provenance(tmp_path):
     again = files(out)
     assert_same({k: v for k, v in again.items() if k != "provenance.json"},
                 {k: v for k, v in exported.items() if k != "provenance.json"})
+
+
+SHIPPED = os.path.join(ROOT, "assets", "demo_generator")
+
+
+def test_shipped_demo_generator_loads_and_its_vae_keeps_colour(corpus):
+    """assets/demo_generator, what run_all.sh demo fine-tunes (02 --init; run_all.sh demo --smoke
+    fine-tunes it and generates in test_pipeline): 02's layout, under 30 MB, with its provenance;
+    models.load_generator (the path of --init and 03) loads it. Its VAE returns the people of
+    corpus frames it never saw with most of their colour: the person pixels' colourfulness after
+    encode + decode is >= 60% of the input's (the demo VAE trained on RGB errors alone kept 40%)."""
+    import torch
+    from demo.fidelity import colourfulness
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED) for f in fs)
+    assert size < 30 * 2 ** 20
+    prov = json.load(open(os.path.join(SHIPPED, "provenance.json")))
+    assert prov["settings"]["people"] == 1000 and "demo/pretrain.py" in prov["rebuild"]
+    gen, vae, enc, schedule, a = models.load_generator(SHIPPED)
+    assert a["stage"] == 1 and a["from_scratch"] and a["resolution"] == [64, 128]
+    assert gen.denoising_unet.config.cross_attention_dim == enc.config.projection_dim
+    frames = sorted(glob.glob(os.path.join(corpus[1], "frames", "*", "*.png")))
+    x = torch.stack([models.load_image_tensor(p, (128, 64)) for p in frames])
+    masks = [image(p.replace(os.sep + "frames" + os.sep, os.sep + "conditions" + os.sep)[:-4] + ".depth.png") > 0
+             for p in frames]
+    with torch.no_grad():
+        rec = models.to_uint8(models.decode_latents(vae, models.encode_latents(vae, x))) / 255.0
+    inp = ((x + 1) / 2).permute(0, 2, 3, 1).numpy()
+    c_in = np.mean([colourfulness(i, m) for i, m in zip(inp, masks)])
+    c_rec = np.mean([colourfulness(r, m) for r, m in zip(rec, masks)])
+    assert c_in > 5 and c_rec >= 0.6 * c_in, (c_in, c_rec)

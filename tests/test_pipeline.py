@@ -8,7 +8,7 @@ from stages import ROOT  # noqa: E402  (puts the repository root on sys.path)
 import common  # noqa: E402
 
 ROWS = ["(I) no augmentation", "(II) in-distribution poses and viewpoints", "(III) out-of-distribution poses",
-        "(IV) uniform viewpoints", "(VI) both = Diff-ID", "ORACLE: (VI)'s jobs rendered as ground truth"]
+        "(IV) uniform viewpoints", "(V) = (VI) with a randomly initialised diffusion model", "(VI) both = Diff-ID", "ORACLE: (VI)'s jobs rendered as ground truth"]
 
 
 def test_run_all_demo_smoke(tmp_path):
@@ -25,12 +25,18 @@ def test_run_all_demo_smoke(tmp_path):
         # then the paired mAP gain over (I) on each split: empty for (I) itself
         assert cells[4:] == ["", ""] if row == ROWS[0] else all(-100 <= float(c) <= 100 for c in cells[4:]), line
     # every generated image is listed once in its manifest and the oracle rendered the same jobs
-    for v in ("ii", "iii", "iv", "vi"):
+    for v in ("ii", "iii", "iv", "v", "vi"):
         rows = list(csv.DictReader(open(run / "augmented" / v / "manifest.csv")))
         files = sorted(os.listdir(run / "augmented" / v / "bounding_box_train"))
         assert rows and sorted(os.path.basename(x["file"]) for x in rows) == files
         by_file = {os.path.basename(x["file"]): x for x in rows}  # source pid and camera, sequence 0
         assert all(common.parse_name(f) == common.parse_name(by_file[f]["source"]) and "s0_" in f for f in files)
+    # (VI) fine-tunes the shipped pretrained generator; (V) trains the same architecture from scratch
+    args = {g: json.loads((run / g / "args.json").read_text()) for g in ("generator", "generator_v")}
+    assert args["generator"]["init"] == "assets/demo_generator" and not args["generator"]["from_scratch"]
+    assert args["generator_v"]["from_scratch"] and args["generator_v"]["init"] is None
+    v_jobs = [(x["source"], x["target_id"]) for x in csv.DictReader(open(run / "augmented" / "v" / "manifest.csv"))]
+    assert sorted(v_jobs) == sorted((x["source"], x["target_id"]) for x in csv.DictReader(open(run / "augmented" / "vi" / "manifest.csv")))
     oracle = sorted(os.listdir(run / "augmented" / "oracle" / "bounding_box_train"))
     assert oracle == sorted(os.listdir(run / "augmented" / "vi" / "bounding_box_train"))
     ident = json.loads((run / "results" / "identity.json").read_text())  # the row-(I) model's identity check
