@@ -80,7 +80,7 @@ def main():
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--encoder-steps", type=int, default=600)
     ap.add_argument("--vae-steps", type=int, default=1500)
-    ap.add_argument("--steps", type=int, default=3000, help="U-Net steps in all")
+    ap.add_argument("--steps", type=int, default=2000, help="U-Net steps in all (the shipped folder: 2,000)")
     ap.add_argument("--snapshot-every", type=int, default=500, help="export a snapshot every N steps (the curve)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-4)
