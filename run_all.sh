@@ -121,15 +121,14 @@ stage() {  # [DONE_IF=OUT:IN] stage NAME SCRIPT ARGS...: run a stage script (unl
 # Table 1 rows: which poses and viewpoints each augmentation variant draws its targets from
 #   ii: in-distribution poses + train-like viewpoints   iii: out-of-distribution poses, train-like views
 #   iv: in-distribution poses + uniform viewpoints      vi: both (Diff-ID)
-# (V, a randomly initialised diffusion model, is what the demo's --from-scratch generator is.)
-#   v: (VI)'s targets, from a generator trained from scratch on the train split only (demo --tables)
+#   v: (VI)'s targets from a generator randomly initialised, trained on the train split only (demo --tables)
 declare -A POSES=([ii]=id [iii]=ood [iv]=id [vi]=ood)
 declare -A VIEWS=([ii]=train [iii]=train [iv]=uniform [vi]=uniform)
 VARIANTS=$([ $TABLES = 1 ] && echo "ii iii iv vi" || echo vi)   # what gets generated
 # the demo's "pre-trained diffusion": the generator demo/pretrain.py builds from a corpus of other people
 DEMO_GENERATOR=${DEMO_GENERATOR:-assets/demo_generator}
 if [ "$DATASET" = demo ] && [ $DRY = 0 ] && [ ! -f "$DEMO_GENERATOR/args.json" ]; then
-  echo "error: the demo's pretrained generator '$DEMO_GENERATOR' is missing: rebuild it with 'python demo/pretrain.py --out $DEMO_GENERATOR' (hours on 2 cores) or restore assets/ from git" >&2; exit 2
+  echo "error: the demo's pretrained generator '$DEMO_GENERATOR' is missing: rebuild it with 'python demo/pretrain.py --out $DEMO_GENERATOR' (about 75 minutes on 2 cores) or restore assets/ from git" >&2; exit 2
 fi
 
 if [ "$DATASET" = demo ]; then

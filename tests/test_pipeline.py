@@ -53,3 +53,13 @@ def test_run_all_demo_smoke(tmp_path):
     logs = [(run / "reid" / f"{v}_s0.log").read_text() for v in ("base", "vi")]  # the CPU demo's Re-ID runs log to files
     assert all("is already trained to iteration" in t and "== evaluate: python" not in t for t in logs), logs
     assert (run / "results" / "summary.md").read_text().split("| stage |")[0] == summary.split("| stage |")[0]
+
+
+def test_missing_demo_generator_is_one_line(tmp_path):
+    """Without the shipped pretrained generator the demo stops before any stage, with one line
+    that says how to rebuild it."""
+    env = dict(os.environ, RUNS_DIR=str(tmp_path), DEMO_GENERATOR=str(tmp_path / "no_such_folder"))
+    r = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "demo", "--smoke"], capture_output=True, text=True, env=env)
+    err = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error:") and "demo/pretrain.py" in err[0], r.stderr
+    assert "== world" not in r.stdout and not (tmp_path / "demo-smoke" / "world").exists()
