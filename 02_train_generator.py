@@ -25,6 +25,7 @@ Multi-GPU: torchrun --nproc_per_node N 02_train_generator.py ...
 """
 import os
 import csv
+import json
 import copy
 import time
 import random
@@ -291,6 +292,13 @@ def build(args, items, device, is_main):
     from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler
     from transformers import CLIPVisionModelWithProjection
     resume = os.path.isfile(os.path.join(args.out, "checkpoint.pt"))
+    if resume and os.path.isfile(os.path.join(args.out, "args.json")):  # e.g. a folder of an older recipe
+        with open(os.path.join(args.out, "args.json")) as f:
+            prev = json.load(f)
+        start = lambda a: "--init" if a.get("init") else "--pretrained" if a.get("pretrained") else "--from-scratch"
+        if start(prev) != start(vars(args)):
+            raise UserError(f"'{args.out}' holds a run started with {start(prev)}, this command asks for "
+                            f"{start(vars(args))}: rerun that run's command to resume it, or pass a new --out")
     if resume or args.init:  # the architecture (and, for --init, the weights) of a folder 02 wrote
         gen, vae, enc, schedule, prev = models.load_generator(args.out if resume else args.init)
         sources = {k: prev.get(k) for k in ("pretrained", "image_encoder", "image_encoder_subfolder")}

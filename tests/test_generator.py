@@ -543,6 +543,13 @@ def test_bad_inputs_give_one_line(world, trained, tmp_path, capsys, monkeypatch)
     assert "cannot load" in one_line_error(capsys, s02, args, monkeypatch)
     if importlib.util.find_spec("bitsandbytes") is None:  # the 24 GB option, asked for without its package
         assert "needs bitsandbytes" in one_line_error(capsys, s02, base("o3") + ["--optimizer", "adamw8bit"], monkeypatch)
+    # resuming a folder with other weights than it started from (here --init instead of --pretrained)
+    old = str(tmp_path / "old_run")
+    shutil.copytree(trained["a"], old)
+    args = train_args(world, old, 30)
+    args[args.index("--pretrained"):args.index("--pretrained") + 2] = ["--init", trained["b"]]
+    assert "started with --pretrained" in one_line_error(capsys, s02, args, monkeypatch)
+    assert read_ckpt(old)["step"] == 24  # untouched
     # conditions missing for an image
     cond = str(tmp_path / "cond")
     shutil.copytree(world["cond"], cond)
