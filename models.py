@@ -105,15 +105,23 @@ def save_pretrained_atomic(model, folder):
     tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp_")
     try:
         model.save_pretrained(tmp)
-        if os.path.isdir(folder):
-            os.replace(folder, folder + ".old")
-            os.replace(tmp, folder)
-            shutil.rmtree(folder + ".old")
-        else:
-            os.replace(tmp, folder)
+        swap_in(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def swap_in(tmp, folder):
+    """Replace `folder` by the complete folder `tmp` (beside it): folder -> folder.old, tmp ->
+    folder, then drop folder.old; recover_folder() finishes or undoes a swap a kill interrupted."""
+    folder = os.path.abspath(folder)
+    recover_folder(folder)
+    if os.path.isdir(folder):
+        os.replace(folder, folder + ".old")
+        os.replace(tmp, folder)
+        shutil.rmtree(folder + ".old")
+    else:
+        os.replace(tmp, folder)
 
 
 def recover_folder(folder):

@@ -25,19 +25,22 @@ import shutil
 import socket
 import argparse
 import platform
+import tempfile
 import subprocess
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import common  # noqa: E402
+import models  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what a generator folder needs (02 writes these; checkpoint.pt, log.csv and samples/ are training state)
 EXPORT = ("args.json", "reference_unet", "denoising_unet", "guiders.safetensors", "scheduler", "vae", "image_encoder")
 
 
-def run(name, cmd, log):
+def run(name, cmd, log, log_path):
     """Run one stage script, its output streaming through; stop with its exit code on failure.
-    log[name] keeps the command and the seconds of every call (a resumed step's calls add up)."""
+    log[name] keeps the command and the seconds of every call (a resumed step's calls add up),
+    saved to log_path after each call."""
     print("$ python " + " ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.call([sys.executable] + cmd, cwd=ROOT)
@@ -45,26 +48,18 @@ def run(name, cmd, log):
         raise common.UserError(f"'{cmd[0]}' failed (exit {rc}); fix what it reported and rerun: finished steps are kept")
     prev = log.get(name, {}).get("seconds", 0.0)
     log[name] = dict(command="python " + " ".join(cmd), seconds=round(prev + time.time() - t0, 1))
+    common.save_json(log_path, log)
 
 
 def copy_generator(src, dst):
-    """Copy the loadable part of a 02 folder to dst, atomically (temp folder + rename)."""
-    tmp = dst.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    """Copy the loadable part of a 02 folder into a temp folder beside dst -> its path (then
+    models.swap_in puts it in place: an interrupted copy never leaves a half folder at dst)."""
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(dst)), prefix=".tmp_")
     for name in EXPORT:
         s = os.path.join(src, name)
         (shutil.copytree if os.path.isdir(s) else shutil.copy2)(s, os.path.join(tmp, name))
     return tmp
-
-
-def replace_folder(tmp, dst):
-    old = dst.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(dst):
-        os.rename(dst, old)
-    os.rename(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def folder_mb(path):
@@ -103,14 +98,12 @@ def main():
     t0 = time.time()
 
     corpus_cmd = ["demo/corpus.py", "--out", corpus, "--workers", str(args.workers)]
-    run("corpus", corpus_cmd + (["--smoke"] if args.smoke else ["--people", str(args.people), "--frames", str(args.frames)]), log)
-    common.save_json(log_path, log)
+    run("corpus", corpus_cmd + (["--smoke"] if args.smoke else ["--people", str(args.people), "--frames", str(args.frames)]), log, log_path)
     if not os.path.isfile(os.path.join(enc_dir, "encoder.json")):
         run("image encoder", ["demo/image_encoder.py", "--corpus", corpus, "--out", enc_dir, "--steps", str(args.encoder_steps)]
-            + (["--people", "2"] if args.smoke else []), log)
+            + (["--people", "2"] if args.smoke else []), log, log_path)
     else:
         print(f"image encoder: '{enc_dir}' is there")
-    common.save_json(log_path, log)
     gen_cmd = ["02_train_generator.py", "--stage", "1", "--data", os.path.join(corpus, "frames"),
                "--conditions", os.path.join(corpus, "conditions"), "--out", gen_dir, "--from-scratch",
                "--image-encoder", enc_dir, "--resolution", "64x128", "--vae-steps", str(args.vae_steps),
@@ -124,11 +117,9 @@ def main():
         snap = os.path.join(work, "snapshots", f"step_{step:06d}")
         if os.path.isdir(snap):
             continue
-        run(f"generator to step {step}", gen_cmd + ["--steps", str(step)], log)  # resumes from the checkpoint of the segment before
-        replace_folder(copy_generator(gen_dir, snap), snap)
+        run(f"generator to step {step}", gen_cmd + ["--steps", str(step)], log, log_path)  # resumes from the checkpoint of the segment before
+        models.swap_in(copy_generator(gen_dir, snap), snap)
         print(f"wrote snapshot '{snap}'")
-        common.save_json(log_path, log)
-    common.save_json(log_path, log)
 
     tmp = copy_generator(os.path.join(work, "snapshots", f"step_{args.steps:06d}"), args.out)
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -143,7 +134,7 @@ def main():
                              device=args.device or "cpu"),
                 encoder_check=json.load(open(os.path.join(enc_dir, "encoder.json"))))
     common.save_json(os.path.join(tmp, "provenance.json"), prov)
-    replace_folder(tmp, args.out)
+    models.swap_in(tmp, args.out)
     print(f"wrote '{args.out}' ({folder_mb(args.out):.1f} MB) with provenance.json; "
           f"{sum(s['seconds'] for s in log.values()) / 60:.1f} min of stage runs in all ({time.time() - t0:.0f} s this call)")
 
