@@ -116,6 +116,9 @@ def parse_args(argv=None):
     except ValueError:
         raise UserError(f"--resolution '{args.resolution}' is not WIDTHxHEIGHT (e.g. 192x384)")
     args.size = (ht, wd)
+    m = 8 * 2 ** (len(args.vae_channels.split(",")) - 1)  # --from-scratch: known before the VAE trains, not after
+    if args.from_scratch and (wd % m or ht % m):
+        raise UserError(f"--resolution {args.resolution}: width and height must be multiples of {m}")
     return args
 
 # -----------------------------------------------------------------------------

@@ -293,6 +293,13 @@ first=${SEEDS%% *}
 DONE_IF=$RUN/results/identity.json:$RUN/reid/base_s$first/model.pt stage identity tools/identity_score.py \
   --model "$RUN/reid/base_s$first/model.pt" --data-root "$DATA_ROOT" --generated "$RUN/augmented/vi" \
   $([ "$DATASET" = demo ] && echo --oracle "$RUN/augmented/oracle") --out "$RUN/results/identity.json" ${DEVICE:+--device $DEVICE}
+if [ "$DATASET" = demo ] && [ $TABLES = 1 ]; then  # the same two checks for row (V)'s generator (same jobs as (VI))
+  DONE_IF=$RUN/results/fidelity_v.json:$RUN/augmented/v/manifest.csv stage "fidelity (V)" demo/fidelity.py \
+    --generated "$RUN/augmented/v" --oracle "$RUN/augmented/oracle" --out "$RUN/results/fidelity_v.json"
+  DONE_IF=$RUN/results/identity_v.json:$RUN/augmented/v/manifest.csv stage "identity (V)" tools/identity_score.py \
+    --model "$RUN/reid/base_s$first/model.pt" --data-root "$DATA_ROOT" --generated "$RUN/augmented/v" \
+    --oracle "$RUN/augmented/oracle" --out "$RUN/results/identity_v.json" ${DEVICE:+--device $DEVICE}
+fi
 SUMMARY=(tools/summarize.py "$RUN/results")
 # the README shows the last full demo run: its table, and the figures it references
 README=$([ "$DATASET" = demo ] && [ $SMOKE = 0 ] && [ $TABLES = 1 ] && echo 1 || echo 0)

@@ -543,6 +543,12 @@ def test_bad_inputs_give_one_line(world, trained, tmp_path, capsys, monkeypatch)
     assert "cannot load" in one_line_error(capsys, s02, args, monkeypatch)
     if importlib.util.find_spec("bitsandbytes") is None:  # the 24 GB option, asked for without its package
         assert "needs bitsandbytes" in one_line_error(capsys, s02, base("o3") + ["--optimizer", "adamw8bit"], monkeypatch)
+    # --from-scratch with a size its VAE cannot halve 3 times + 8: before the VAE trains (no vae/ written)
+    args = base("o4")
+    args[args.index("--pretrained"):args.index("--pretrained") + 2] = ["--from-scratch"]
+    args[args.index("--resolution") + 1] = "60x128"
+    assert "multiples of 64" in one_line_error(capsys, s02, args, monkeypatch)
+    assert not os.path.exists(tmp_path / "o4" / "vae")
     # resuming a folder with other weights than it started from (here --init instead of --pretrained)
     old = str(tmp_path / "old_run")
     shutil.copytree(trained["a"], old)

@@ -44,6 +44,10 @@ def test_run_all_demo_smoke(tmp_path):
     fid = json.loads((run / "results" / "fidelity.json").read_text())
     assert fid["images"] == len(oracle)
     assert 0 <= fid["vae_ceiling"]["colourfulness"] and fid["vae_ceiling"]["n"] == len(oracle)  # --generator: the VAE's ceiling
+    # the same checks for row (V)'s generator, on the same jobs, in the summary beside (VI)'s
+    ident_v = json.loads((run / "results" / "identity_v.json").read_text())
+    assert ident_v["generated"]["images"] == len(oracle) == json.loads((run / "results" / "fidelity_v.json").read_text())["images"]
+    assert "row (V)'s generator" in summary
     for f in ("fig3_viewpoints.png", "fig3_tsne_poses.png", "generated_vs_oracle.png"):
         assert (run / "results" / "figures" / f).stat().st_size > 1000
     # the plain run (rows I and VI) afterwards finds everything done: nothing trained or evaluated

@@ -437,6 +437,9 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     (res / "stage_times.csv").write_text("stage,seconds\nworld,10\nreid,3\nreid,4\n")
     common.save_json(str(res / "identity.json"), dict(identities=120, chance=1 / 120, generated=dict(images=1200, agreement=0.25),
                      oracle=dict(images=1200, agreement=0.5), generated_vs_oracle=0.5))
+    common.save_json(str(res / "fidelity_v.json"), dict(images=1200, psnr_foreground=14.0, mask_iou=0.3,
+                     identity_gain_psnr_foreground=dict(mean=0.125, ci95=[-0.05, 0.3]), control_pose_shuffled=dict(mask_iou=0.26)))
+    common.save_json(str(res / "identity_v.json"), dict(identities=120, chance=1 / 120, generated=dict(images=1200, agreement=0.0125)))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\nrest\n")
     run("tools/summarize.py", res, "--readme", readme)
@@ -450,6 +453,7 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     assert "1,200 generated (VI) images" in text and "person PSNR 15.75 dB, +0.23 dB (95% CI +0.11 .. +0.35)" in text
     assert "mask IoU 0.348 against 0.268 with" in text
     assert "25.0% of 1,200 generated images, 50.0% of their oracle renders (generated / oracle 0.50); chance 0.8%" in text
+    assert "row (V)'s generator" in text and "+0.12 dB (95% CI -0.05 .. +0.30)" in text and "kept for 1.2% of 1,200" in text
     # too few jobs for the controls (the smoke run): the line says n/a instead of failing
     common.save_json(str(res / "fidelity.json"), dict(images=2, psnr_foreground=None, mask_iou=0.5,
                      identity_gain_psnr_foreground=dict(mean=None, ci95=None), control_pose_shuffled=dict(mask_iou=None)))

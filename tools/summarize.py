@@ -67,11 +67,11 @@ def summarize(results_dir, readme=None):
             deltas.append(ms([r["mAP"] - b["mAP"] for r, b in pairs if b], "+"))
         lines.append(f"| {row_label(v)} | " + " | ".join(cells + deltas) + f" | {n} |")
     table = "\n".join(lines) + "\n"
+    num = lambda v, spec: "n/a" if v is None else format(v, spec)  # controls need >= 2 jobs per identity / target
     fid = os.path.join(results_dir, "fidelity.json")
     if os.path.exists(fid):
         f = json.load(open(fid))
         g, c = f["identity_gain_psnr_foreground"], f["control_pose_shuffled"]
-        num = lambda v, spec: "n/a" if v is None else format(v, spec)  # controls need >= 2 jobs per identity / target
         ci = g["ci95"] or [None, None]
         table += (f"\nGenerator fidelity, {f['images']:,} generated (VI) images against ground-truth renders of the same "
                   f"jobs (`demo/fidelity.py`): person PSNR {num(f['psnr_foreground'], '.2f')} dB, "
@@ -93,6 +93,14 @@ def summarize(results_dir, readme=None):
                   + (f", {100 * d['oracle']['agreement']:.1f}% of their oracle renders (generated / oracle "
                      f"{d['generated_vs_oracle']:.2f})" if "oracle" in d else "")
                   + f"; chance {100 * d['chance']:.1f}% ({d['identities']} identities).\n")
+    fid_v, ident_v = (os.path.join(results_dir, f) for f in ("fidelity_v.json", "identity_v.json"))
+    if os.path.exists(fid_v) and os.path.exists(ident_v):  # run_all.sh demo --tables: row (V)'s generator, same jobs
+        g, d = json.load(open(fid_v))["identity_gain_psnr_foreground"], json.load(open(ident_v))
+        ci = g["ci95"] or [None, None]
+        table += (f"\nThe same checks for row (V)'s generator (the same architecture trained from scratch on the train "
+                  f"split), on the same jobs: person PSNR {num(g['mean'], '+.2f')} dB (95% CI {num(ci[0], '+.2f')} .. "
+                  f"{num(ci[1], '+.2f')}) over another identity; identity kept for "
+                  f"{100 * d['generated']['agreement']:.1f}% of {d['generated']['images']:,} images.\n")
     times = os.path.join(results_dir, "stage_times.csv")
     if os.path.exists(times):
         import csv
