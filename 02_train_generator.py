@@ -116,10 +116,15 @@ def parse_args(argv=None):
     except ValueError:
         raise UserError(f"--resolution '{args.resolution}' is not WIDTHxHEIGHT (e.g. 192x384)")
     args.size = (ht, wd)
-    m = 8 * 2 ** (len(args.vae_channels.split(",")) - 1)  # --from-scratch: known before the VAE trains, not after
-    if args.from_scratch and (wd % m or ht % m):
-        raise UserError(f"--resolution {args.resolution}: width and height must be multiples of {m}")
+    if args.from_scratch:  # its VAE's factor is known before the VAE trains: fail before, not after
+        check_resolution(args, 2 ** (len(args.vae_channels.split(",")) - 1))
     return args
+
+
+def check_resolution(args, f):
+    """Width and height must pass the VAE (factor f) and the U-Net's three halvings."""
+    if args.size[0] % (8 * f) or args.size[1] % (8 * f):
+        raise UserError(f"--resolution {args.resolution}: width and height must be multiples of {8 * f}")
 
 # -----------------------------------------------------------------------------
 # training pairs
@@ -411,8 +416,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     gen, vae, enc, schedule, sources, owned = build(args, items, device, is_main)
     f = models.vae_factor(vae)
-    if args.size[0] % (8 * f) or args.size[1] % (8 * f):
-        raise UserError(f"--resolution {args.resolution}: width and height must be multiples of {8 * f}")
+    check_resolution(args, f)
     latent_hw = (args.size[0] // f, args.size[1] // f)
     frozen = freeze_unused_reference(gen, latent_hw, gen.denoising_unet.config.cross_attention_dim)
     print(f"reference U-Net: {len(frozen)} tensors after its last attention input frozen (get no gradient)")

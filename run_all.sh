@@ -298,7 +298,7 @@ if [ "$DATASET" = demo ] && [ $TABLES = 1 ]; then  # the same two checks for row
     --generated "$RUN/augmented/v" --oracle "$RUN/augmented/oracle" --out "$RUN/results/fidelity_v.json"
   DONE_IF=$RUN/results/identity_v.json:$RUN/augmented/v/manifest.csv stage "identity (V)" tools/identity_score.py \
     --model "$RUN/reid/base_s$first/model.pt" --data-root "$DATA_ROOT" --generated "$RUN/augmented/v" \
-    --oracle "$RUN/augmented/oracle" --out "$RUN/results/identity_v.json" ${DEVICE:+--device $DEVICE}
+    --out "$RUN/results/identity_v.json" ${DEVICE:+--device $DEVICE}  # (the oracle's score is identity.json's)
 fi
 SUMMARY=(tools/summarize.py "$RUN/results")
 # the README shows the last full demo run: its table, and the figures it references

@@ -68,16 +68,19 @@ def summarize(results_dir, readme=None):
         lines.append(f"| {row_label(v)} | " + " | ".join(cells + deltas) + f" | {n} |")
     table = "\n".join(lines) + "\n"
     num = lambda v, spec: "n/a" if v is None else format(v, spec)  # controls need >= 2 jobs per identity / target
+
+    def gain(g):  # fidelity.json's person PSNR over the other-identity control
+        lo, hi = g["ci95"] or (None, None)
+        return f"{num(g['mean'], '+.2f')} dB (95% CI {num(lo, '+.2f')} .. {num(hi, '+.2f')}) over another identity"
+
     fid = os.path.join(results_dir, "fidelity.json")
     if os.path.exists(fid):
         f = json.load(open(fid))
-        g, c = f["identity_gain_psnr_foreground"], f["control_pose_shuffled"]
-        ci = g["ci95"] or [None, None]
+        c = f["control_pose_shuffled"]
         table += (f"\nGenerator fidelity, {f['images']:,} generated (VI) images against ground-truth renders of the same "
                   f"jobs (`demo/fidelity.py`): person PSNR {num(f['psnr_foreground'], '.2f')} dB, "
-                  f"{num(g['mean'], '+.2f')} dB (95% CI {num(ci[0], '+.2f')} .. {num(ci[1], '+.2f')}) over another identity "
-                  f"in the same pose; mask IoU {num(f['mask_iou'], '.3f')} against {num(c['mask_iou'], '.3f')} with the "
-                  f"target pose shuffled.")
+                  f"{gain(f['identity_gain_psnr_foreground'])} in the same pose; mask IoU {num(f['mask_iou'], '.3f')} "
+                  f"against {num(c['mask_iou'], '.3f')} with the target pose shuffled.")
         if "colourfulness" in f:  # how much of the clothes' colour survives (0 = grey), and what the VAE alone keeps
             c, v = f["colourfulness"], f.get("vae_ceiling")
             table += (f" Colourfulness of the person (mean RGB std, 0 = grey): generated {num(c['generated'], '.1f')}, "
@@ -96,10 +99,8 @@ def summarize(results_dir, readme=None):
     fid_v, ident_v = (os.path.join(results_dir, f) for f in ("fidelity_v.json", "identity_v.json"))
     if os.path.exists(fid_v) and os.path.exists(ident_v):  # run_all.sh demo --tables: row (V)'s generator, same jobs
         g, d = json.load(open(fid_v))["identity_gain_psnr_foreground"], json.load(open(ident_v))
-        ci = g["ci95"] or [None, None]
         table += (f"\nThe same checks for row (V)'s generator (the same architecture trained from scratch on the train "
-                  f"split), on the same jobs: person PSNR {num(g['mean'], '+.2f')} dB (95% CI {num(ci[0], '+.2f')} .. "
-                  f"{num(ci[1], '+.2f')}) over another identity; identity kept for "
+                  f"split), on the same jobs: person PSNR {gain(g)}; identity kept for "
                   f"{100 * d['generated']['agreement']:.1f}% of {d['generated']['images']:,} images.\n")
     times = os.path.join(results_dir, "stage_times.csv")
     if os.path.exists(times):
