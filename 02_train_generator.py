@@ -436,6 +436,8 @@ def main():
 
     # ---- models
     os.makedirs(args.out, exist_ok=True)
+    if is_main:
+        common.remove_stale_temps(args.out)  # e.g. a checkpoint whose save a kill interrupted
     gen, vae, enc, schedule, sources, owned = build(args, items, device, is_main)
     f = models.vae_factor(vae)
     check_resolution(args, f)

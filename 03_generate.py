@@ -23,7 +23,6 @@ demo/fidelity.py measures the generated images against it.
 import os
 import sys
 import csv
-import glob
 import time
 import argparse
 
@@ -200,9 +199,7 @@ def generate(argv=None):
         return benchmark(args, groups, size, reference_cache, run_batch, device)
 
     os.makedirs(os.path.join(args.out, "bounding_box_train"), exist_ok=True)
-    for tmp in glob.glob(os.path.join(args.out, "bounding_box_train", ".tmp_*")):
-        if time.time() - os.path.getmtime(tmp) > 600:  # left by a killed run (a live one is younger)
-            os.remove(tmp)
+    common.remove_stale_temps(os.path.join(args.out, "bounding_box_train"))
     todo = sum(1 for g in groups.values() for j in g if not os.path.isfile(os.path.join(args.out, j["file"])))
     n_mine = sum(len(g) for g in groups.values())
     print(f"{len(jobs)} jobs in all ({len(refs)} references); this part {part}/{parts}: {n_mine}, "

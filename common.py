@@ -377,6 +377,15 @@ def atomic_write(path, write_fn, suffix=None):
         raise
 
 
+def remove_stale_temps(folder, age_s=600):
+    """Delete the temp files and folders (.tmp_*) that a killed run left in `folder`; a live
+    writer's are younger than age_s."""
+    import time, shutil
+    for tmp in glob.glob(os.path.join(folder, ".tmp_*")):
+        if time.time() - os.path.getmtime(tmp) > age_s:
+            shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.remove(tmp)
+
+
 def save_text(path, text):
     """Unchanged text keeps the file and its mtime, so a rerun does not make later stages look stale."""
     if os.path.isfile(path):

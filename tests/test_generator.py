@@ -635,6 +635,38 @@ def test_min_snr_weights_by_hand():
     np.testing.assert_allclose(s02.min_snr_weights(vsched, t, 5.0).numpy(), np.minimum(snr, 5.0) / (snr + 1), rtol=1e-4)
 
 
+def test_stale_temps_of_a_killed_run_are_removed_live_ones_kept(tmp_path):
+    old = time.time() - 3600
+    for name in (".tmp_ckpt.pt", ".tmp_unet", ".tmp_live.pt", "checkpoint.pt"):
+        p = tmp_path / name
+        p.mkdir() if name == ".tmp_unet" else p.write_bytes(b"x")
+        if name != ".tmp_live.pt":
+            os.utime(p, (old, old))
+    (tmp_path / ".tmp_unet" / "weights.bin").write_bytes(b"x")
+    os.utime(tmp_path / ".tmp_unet", (old, old))
+    common.remove_stale_temps(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".tmp_live.pt", "checkpoint.pt"]
+
+
+def test_02_cache_encodings_trains_the_same_model(world, tmp_path):
+    """--cache-encodings looks each image's latent and CLIP embedding up instead of encoding it in
+    every step: the same pairs and inputs, so the same losses step by step and the same weights (up
+    to float rounding of encoding 64 images at once instead of 2)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    r = script("02_train_generator.py", *train_args(world, a, 4))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = script("02_train_generator.py", *train_args(world, b, 4, "--cache-encodings"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    n_images = len(os.listdir(os.path.join(world["data"], "bounding_box_train")))
+    assert f"cached the latents and CLIP embeddings of {n_images} images" in r.stdout
+    loss = lambda d: [float(row["loss"]) for row in csv.DictReader(open(os.path.join(d, "log.csv")))]
+    la, lb = loss(a), loss(b)
+    assert len(la) == len(lb) == 4 and len(set(la)) > 1
+    assert np.allclose(la, lb, rtol=0, atol=2e-5), (la, lb)
+    ca, cb = read_ckpt(a)["model"], read_ckpt(b)["model"]
+    assert max((ca[k].float() - cb[k].float()).abs().max().item() for k in ca) < 1e-4
+
+
 def test_02_ema_exported_and_resumed_exactly(world, tmp_path):
     """--ema: the folder holds the EMA weights (not the last ones), and a run stopped at step 3 and
     resumed to 6 ends with the same weights and the same EMA as a straight run (with min-SNR on)."""
