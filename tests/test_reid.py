@@ -423,6 +423,13 @@ def test_identity_score_nearest_centroid_by_hand():
     q = np.array([[1, 0], [9, 1], [6, 0], [0, 4], [0, 0]])
     ql = np.array([1, 2, 3, 1, 7])  # kept, kept, nearer 2 than 3: lost, nearer 1 (4) than 3 (6): kept, unknown id
     assert ident.nearest_centroid_agreement(tf, tl, q, ql) == pytest.approx(3 / 5)
+    assert list(ident.nearest_centroid(tf, tl, q)) == [1, 2, 2, 1, 1]
+    # lost images landing on 7 identities, 4, 3, 2, 1, 1, 1, 1 times: 11 of the 13 on the 5 most frequent
+    assigned = np.array([1] * 4 + [2] * 3 + [3] * 2 + [4, 5, 6, 7] + [9, 9])
+    labels = np.array([0] * 13 + [9, 9])  # the last two are kept
+    c = ident.collapse(np.array([[0, 0], [2, 0]], float), np.array([[0, 0], [0, 4]], float), assigned, labels)
+    assert c["wrong_ids"] == 7 and c["wrong_top5"] == pytest.approx(11 / 13)
+    assert c["spread_vs_real"] == pytest.approx(2.0)  # distances to the mean: 2, 2 against 1, 1
 
 
 def test_summarize_mean_and_spread_into_readme(tmp_path):
@@ -439,7 +446,8 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
                      oracle=dict(images=1200, agreement=0.5), generated_vs_oracle=0.5))
     common.save_json(str(res / "fidelity_v.json"), dict(images=1200, psnr_foreground=14.0, mask_iou=0.3,
                      identity_gain_psnr_foreground=dict(mean=0.125, ci95=[-0.05, 0.3]), control_pose_shuffled=dict(mask_iou=0.26)))
-    common.save_json(str(res / "identity_v.json"), dict(identities=120, chance=1 / 120, generated=dict(images=1200, agreement=0.0125)))
+    common.save_json(str(res / "identity_v.json"), dict(identities=120, chance=1 / 120, generated=dict(
+        images=1200, agreement=0.0125, wrong_ids=50, wrong_top5=0.624, spread_vs_real=0.6449)))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\nrest\n")
     run("tools/summarize.py", res, "--readme", readme)
@@ -454,6 +462,8 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     assert "mask IoU 0.348 against 0.268 with" in text
     assert "25.0% of 1,200 generated images, 50.0% of their oracle renders (generated / oracle 0.50); chance 0.8%" in text
     assert "row (V)'s generator" in text and "+0.12 dB (95% CI -0.05 .. +0.30)" in text and "kept for 1.2% of 1,200" in text
+    assert "1,200 images; the images that lose it land on 50 identities, 62% of them on 5, feature spread 0.64" in text
+    assert "(120 identities).\n" in text  # identity.json without the collapse numbers: no clause
     # too few jobs for the controls (the smoke run): the line says n/a instead of failing
     common.save_json(str(res / "fidelity.json"), dict(images=2, psnr_foreground=None, mask_iou=0.5,
                      identity_gain_psnr_foreground=dict(mean=None, ci95=None), control_pose_shuffled=dict(mask_iou=None)))

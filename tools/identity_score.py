@@ -4,7 +4,9 @@ truth: the Re-ID model of row (I) (trained on the real images only) embeds every
 and the image counts as kept when its nearest identity centroid (the mean feature of that
 identity's real training images) is its source identity. The share of such images is compared
 with chance (1 / number of identities) and, on the demo world, with the oracle renders of the
-same jobs (flawless images: the ceiling). A user can run it on Market-1501 before spending GPU
+same jobs (flawless images: the ceiling). For the images that lose their identity it also says how
+alike they are (how many identities they land on, the feature spread): a generator whose people all
+look like a few ids lands on few. A user can run it on Market-1501 before spending GPU
 hours on Re-ID training with generated images.
 
   python tools/identity_score.py --model runs/demo/reid/base_s0/model.pt --data-root runs/demo/world \\
@@ -23,13 +25,29 @@ import common  # noqa: E402
 import models  # noqa: E402
 
 
-def nearest_centroid_agreement(train_feats, train_labels, feats, labels):
-    """Share of rows of `feats` whose nearest (Euclidean) class centroid of `train_feats` is their
-    own label; labels absent from train_labels count as misses."""
+def nearest_centroid(train_feats, train_labels, feats):
+    """The label of the nearest (Euclidean) class centroid of `train_feats`, for every row of `feats`."""
     classes = np.unique(train_labels)
     centroids = np.stack([train_feats[train_labels == c].mean(0) for c in classes])
-    d = ((feats[:, None, :] - centroids[None]) ** 2).sum(-1)
-    return float(np.mean(classes[d.argmin(1)] == labels)) if len(feats) else None
+    return classes[((feats[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)]
+
+
+def nearest_centroid_agreement(train_feats, train_labels, feats, labels):
+    """Share of rows of `feats` whose nearest class centroid is their own label; labels absent
+    from train_labels count as misses."""
+    return float(np.mean(nearest_centroid(train_feats, train_labels, feats) == labels)) if len(feats) else None
+
+
+def collapse(train_feats, feats, assigned, labels):
+    """How alike the images that lose their identity are: the identities they land on (a generator
+    whose people all look like a few ids lands on few; flawless renders of other poses on many),
+    the share of them on the 5 most frequent, and the feature spread (mean distance to the set's
+    mean) relative to the real train images'."""
+    spread = lambda f: float(np.sqrt(((f - f.mean(0)) ** 2).sum(1)).mean())
+    wrong = assigned[assigned != labels]
+    counts = np.sort(np.unique(wrong, return_counts=True)[1])[::-1]
+    return dict(wrong_ids=int(len(counts)), wrong_top5=float(counts[:5].sum() / max(len(wrong), 1)),
+                spread_vs_real=spread(feats) / spread(train_feats))
 
 
 def main():
@@ -60,8 +78,9 @@ def main():
         items = [(os.path.join(folder, r["file"]), int(r["pid"]), 0) for r in rows]
         if not items:
             raise common.UserError(f"none of the images listed in '{man}' exists")
-        res[name] = dict(images=len(items), agreement=nearest_centroid_agreement(
-            tf, tl, feats(items), np.array([pid for _, pid, _ in items])))
+        f, labels = feats(items), np.array([pid for _, pid, _ in items])
+        assigned = nearest_centroid(tf, tl, f)
+        res[name] = dict(images=len(items), agreement=float(np.mean(assigned == labels)), **collapse(tf, f, assigned, labels))
     if "oracle" in res:
         res["generated_vs_oracle"] = res["generated"]["agreement"] / max(res["oracle"]["agreement"], 1e-12)
     common.save_json(args.out, res)
@@ -70,6 +89,9 @@ def main():
     if "oracle" in res:
         line += f", oracle renders {100 * res['oracle']['agreement']:.1f}% (generated / oracle {res['generated_vs_oracle']:.2f})"
     print(line + f", chance {100 * res['chance']:.1f}% ({res['identities']} ids)")
+    g = res["generated"]
+    print(f"the generated images that lose their identity land on {g['wrong_ids']} identities, "
+          f"{100 * g['wrong_top5']:.0f}% of them on 5; feature spread {g['spread_vs_real']:.2f} of the real images'")
     print(f"read {args.model}, {len(train)} train images of {args.data_root}; wrote {args.out}")
     return res
 

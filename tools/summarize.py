@@ -87,6 +87,10 @@ def summarize(results_dir, readme=None):
                       f"oracle {num(c['oracle'], '.1f')}" + (f"; the generator's VAE alone (oracle encoded and decoded): "
                       f"{num(v['colourfulness'], '.1f')}, person PSNR {num(v['psnr_foreground'], '.2f')} dB" if v else "") + ".")
         table += "\n"
+    def lost(g):  # identity_score.py's collapse numbers, if the JSON has them
+        return (f"; the images that lose it land on {g['wrong_ids']} identities, {100 * g['wrong_top5']:.0f}% of them on "
+                f"5, feature spread {g['spread_vs_real']:.2f} of the real images'" if "wrong_ids" in g else "")
+
     ident = os.path.join(results_dir, "identity.json")
     if os.path.exists(ident):  # tools/identity_score.py
         d = json.load(open(ident))
@@ -95,13 +99,13 @@ def summarize(results_dir, readme=None):
                   f"{d['generated']['images']:,} generated images"
                   + (f", {100 * d['oracle']['agreement']:.1f}% of their oracle renders (generated / oracle "
                      f"{d['generated_vs_oracle']:.2f})" if "oracle" in d else "")
-                  + f"; chance {100 * d['chance']:.1f}% ({d['identities']} identities).\n")
+                  + f"; chance {100 * d['chance']:.1f}% ({d['identities']} identities){lost(d['generated'])}.\n")
     fid_v, ident_v = (os.path.join(results_dir, f) for f in ("fidelity_v.json", "identity_v.json"))
     if os.path.exists(fid_v) and os.path.exists(ident_v):  # run_all.sh demo --tables: row (V)'s generator, same jobs
         g, d = json.load(open(fid_v))["identity_gain_psnr_foreground"], json.load(open(ident_v))
         table += (f"\nThe same checks for row (V)'s generator (the same architecture trained from scratch on the train "
                   f"split), on the same jobs: person PSNR {gain(g)}; identity kept for "
-                  f"{100 * d['generated']['agreement']:.1f}% of {d['generated']['images']:,} images.\n")
+                  f"{100 * d['generated']['agreement']:.1f}% of {d['generated']['images']:,} images{lost(d['generated'])}.\n")
     times = os.path.join(results_dir, "stage_times.csv")
     if os.path.exists(times):
         import csv
