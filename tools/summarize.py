@@ -1,8 +1,9 @@
 """
 The results tables: every <results>/<name>.json that 05_evaluate.py wrote, aggregated into one
 markdown table (mean +- sample std over seeds, per Table 1/2 row and test split; the gain over row
-(I) paired by seed), with the generator-fidelity line (demo/fidelity.py's fidelity.json) and the
-stage times of run_all.sh (stage_times.csv) when present. Writes <results>/summary.md; with
+(I) paired by seed), with the generator checks (demo/fidelity.py's fidelity.json, tools/
+identity_score.py's identity.json; fidelity_v.json and identity_v.json for row (V)'s generator) and
+the stage times of run_all.sh (stage_times.csv) when present. Writes <results>/summary.md; with
 --readme it also replaces the README's results block.
 
   python tools/summarize.py runs/demo/results [--readme README.md]
