@@ -97,7 +97,7 @@ def parse_args(argv=None):
     t.add_argument("--num-workers", type=int, default=0, help="data loader processes")
     t.add_argument("--cache-encodings", action="store_true", help="encode every training image once (the frozen "
                    "VAE's posterior mean and CLIP embedding do not change, so training is the same) and hold them on "
-                   "the device: 1.5x the steps per second on the CPU demo. Memory: the "
+                   "the device: on the CPU demo the encoders are ~15%% of a step. Memory: the "
                    "latents, ~18 KB per image at 192x384 (fine for Market-1501, too much for a large stage-1 corpus)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--log-every", type=int, default=10)
