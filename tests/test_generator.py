@@ -648,23 +648,20 @@ def test_stale_temps_of_a_killed_run_are_removed_live_ones_kept(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".tmp_live.pt", "checkpoint.pt"]
 
 
-def test_02_cache_encodings_trains_the_same_model(world, tmp_path):
+def test_02_cache_encodings_trains_the_same_model(world, trained, tmp_path):
     """--cache-encodings looks each image's latent and CLIP embedding up instead of encoding it in
-    every step: the same pairs and inputs, so the same losses step by step and the same weights (up
-    to float rounding of encoding 64 images at once instead of 2)."""
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    r = script("02_train_generator.py", *train_args(world, a, 4))
-    assert r.returncode == 0, r.stderr[-3000:]
+    every step: the same pairs and inputs, so the same loss step by step as the straight run of
+    the `trained` fixture (each loss after the first also depends on the weights the previous
+    steps left; up to float rounding of encoding 64 images at once instead of 2)."""
+    b = str(tmp_path / "b")
     r = script("02_train_generator.py", *train_args(world, b, 4, "--cache-encodings"))
     assert r.returncode == 0, r.stderr[-3000:]
     n_images = len(os.listdir(os.path.join(world["data"], "bounding_box_train")))
     assert f"cached the latents and CLIP embeddings of {n_images} images" in r.stdout
-    loss = lambda d: [float(row["loss"]) for row in csv.DictReader(open(os.path.join(d, "log.csv")))]
-    la, lb = loss(a), loss(b)
-    assert len(la) == len(lb) == 4 and len(set(la)) > 1
+    loss = lambda d: [float(row["loss"]) for row in csv.DictReader(open(os.path.join(d, "log.csv")))][:4]
+    la, lb = loss(trained["a"]), loss(b)
+    assert len(lb) == 4 and len(set(la)) > 1
     assert np.allclose(la, lb, rtol=0, atol=2e-5), (la, lb)
-    ca, cb = read_ckpt(a)["model"], read_ckpt(b)["model"]
-    assert max((ca[k].float() - cb[k].float()).abs().max().item() for k in ca) < 1e-4
 
 
 def test_02_ema_exported_and_resumed_exactly(world, tmp_path):
