@@ -15,6 +15,8 @@ import sys
 import glob
 import json
 import math
+import time
+import shutil
 import tempfile
 import functools
 
@@ -380,7 +382,6 @@ def atomic_write(path, write_fn, suffix=None):
 def remove_stale_temps(folder, age_s=600):
     """Delete the temp files and folders (.tmp_*) that a killed run left in `folder`; a live
     writer's are younger than age_s."""
-    import time, shutil
     for tmp in glob.glob(os.path.join(folder, ".tmp_*")):
         if time.time() - os.path.getmtime(tmp) > age_s:
             shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.remove(tmp)

@@ -144,7 +144,8 @@ if [ "$DATASET" = demo ]; then
   else
     WORLD=(); TARGETS=(--num-poses 20 --views-per-pose 5)
     # generator: the shipped pretrained one (demo/pretrain.py) fine-tuned on the train split, batch 16,
-    # EMA, min-SNR like its pretraining, 2,000 steps (identity score 2x that of 1,000: docs/generator.md); (V) with --tables: the same architecture from scratch on the
+    # EMA, min-SNR like its pretraining, 2,000 steps (identity score 2x that of 1,000; 4,000 would add
+    # ~27 min: docs/generator.md); (V) with --tables: the same architecture from scratch on the
     # train split alone, the settings of the measured CPU learning run (docs/generator.md). Re-ID (docs/reid.md):
     # a ResNet18 with 1/4 of the channels (8x the iterations per minute), from scratch at 64x32, 2,400
     # iterations with lr x0.1 after 1,800 (what fits the time budget with 3 seeds; the curves still rise a

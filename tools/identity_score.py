@@ -26,16 +26,11 @@ import models  # noqa: E402
 
 
 def nearest_centroid(train_feats, train_labels, feats):
-    """The label of the nearest (Euclidean) class centroid of `train_feats`, for every row of `feats`."""
+    """The label of the nearest (Euclidean) class centroid of `train_feats`, for every row of `feats`
+    (an image is kept when it is its own label: labels absent from train_labels are misses)."""
     classes = np.unique(train_labels)
     centroids = np.stack([train_feats[train_labels == c].mean(0) for c in classes])
     return classes[((feats[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)]
-
-
-def nearest_centroid_agreement(train_feats, train_labels, feats, labels):
-    """Share of rows of `feats` whose nearest class centroid is their own label; labels absent
-    from train_labels count as misses."""
-    return float(np.mean(nearest_centroid(train_feats, train_labels, feats) == labels)) if len(feats) else None
 
 
 def collapse(train_feats, feats, assigned, labels):

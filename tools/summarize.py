@@ -74,6 +74,10 @@ def summarize(results_dir, readme=None):
         lo, hi = g["ci95"] or (None, None)
         return f"{num(g['mean'], '+.2f')} dB (95% CI {num(lo, '+.2f')} .. {num(hi, '+.2f')}) over another identity"
 
+    def lost(g):  # identity_score.py's collapse numbers, if the JSON has them
+        return (f"; the images that lose it land on {g['wrong_ids']} identities, {100 * g['wrong_top5']:.0f}% of them on "
+                f"5, feature spread {g['spread_vs_real']:.2f} of the real images'" if "wrong_ids" in g else "")
+
     fid = os.path.join(results_dir, "fidelity.json")
     if os.path.exists(fid):
         f = json.load(open(fid))
@@ -88,10 +92,6 @@ def summarize(results_dir, readme=None):
                       f"oracle {num(c['oracle'], '.1f')}" + (f"; the generator's VAE alone (oracle encoded and decoded): "
                       f"{num(v['colourfulness'], '.1f')}, person PSNR {num(v['psnr_foreground'], '.2f')} dB" if v else "") + ".")
         table += "\n"
-    def lost(g):  # identity_score.py's collapse numbers, if the JSON has them
-        return (f"; the images that lose it land on {g['wrong_ids']} identities, {100 * g['wrong_top5']:.0f}% of them on "
-                f"5, feature spread {g['spread_vs_real']:.2f} of the real images'" if "wrong_ids" in g else "")
-
     ident = os.path.join(results_dir, "identity.json")
     if os.path.exists(ident):  # tools/identity_score.py
         d = json.load(open(ident))
