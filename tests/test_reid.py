@@ -1,6 +1,7 @@
 """Foundation: data set parsing, PK sampler, triplet loss, evaluator, 04 training + resume, 05."""
 import os
 import sys
+import csv
 import json
 import time
 import signal
@@ -430,6 +431,30 @@ def test_identity_score_nearest_centroid_by_hand():
     c = ident.collapse(np.array([[0, 0], [2, 0]], float), np.array([[0, 0], [0, 4]], float), assigned, labels)
     assert c["wrong_ids"] == 7 and c["wrong_top5"] == pytest.approx(11 / 13)
     assert c["spread_vs_real"] == pytest.approx(2.0)  # distances to the mean: 2, 2 against 1, 1
+
+
+def test_label_noise_moves_labels_keeps_counts(tmp_path):
+    noise = load_stage("demo/label_noise.py")
+    pids = np.repeat(np.arange(1, 41), 10)  # 40 identities x 10 images
+    labels = noise.relabel(pids, keep=0.3, seed=0)
+    assert sorted(labels) == sorted(pids)  # a shuffle: every identity keeps its number of images
+    moved = labels != pids
+    assert 0.65 <= moved.mean() <= 0.7  # 280 shuffled; a few land on their own identity by chance
+    assert (noise.relabel(pids, keep=1.0, seed=0) == pids).all()
+    # the script: files named under the new label, the true pid beside it in labels.csv
+    src = tmp_path / "oracle" / "bounding_box_train"
+    src.mkdir(parents=True)
+    for k, pid in enumerate([1, 1, 2, 2, 3, 3]):
+        Image.new("RGB", (16, 32), (40 * pid, 0, 0)).save(src / common.generated_name(pid, 0, k))
+    run("demo/label_noise.py", "--src", tmp_path / "oracle", "--keep", 0, "--out", tmp_path / "noisy", "--seed", 1)
+    rows = list(csv.DictReader(open(tmp_path / "noisy" / "labels.csv")))
+    for r in rows:  # each image still shows its true person (the red level) under its new label
+        path = tmp_path / "noisy" / "bounding_box_train" / r["file"]
+        assert common.parse_name(r["file"])[0] == int(r["label"])
+        assert abs(int(np.asarray(Image.open(path))[0, 0, 0]) - 40 * int(r["pid"])) <= 3  # (JPEG)
+    assert sorted(int(r["label"]) for r in rows) == [1, 1, 2, 2, 3, 3]
+    r = run("demo/label_noise.py", "--src", tmp_path / "oracle", "--keep", 0, "--out", tmp_path / "noisy", check=False)
+    assert r.returncode == 2 and "exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_summarize_mean_and_spread_into_readme(tmp_path):
