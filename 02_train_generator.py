@@ -87,7 +87,7 @@ def parse_args(argv=None):
                    "(Hang et al. 2023; Moore-AnimateAnyone and Champ use 5); 0: the plain MSE of the paper's eq. 1")
     t.add_argument("--ema", type=float, default=0.0, help="keep an exponential moving average of the weights with this "
                    "decay (e.g. 0.999) and export it (what 03 samples with) instead of the last weights; 0: off")
-    t.add_argument("--amp", action="store_true", help="bf16 autocast (use on GPU)")
+    t.add_argument("--amp", action="store_true", help="bf16 autocast (use on GPU; on a 2-core CPU with AVX512-BF16 the demo trained no faster)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less "
                    "memory for about a third more time (with --optimizer adamw8bit: SD-1.5 size on 24 GB GPUs)")
     t.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw", help="adamw8bit: bitsandbytes' "
