@@ -45,7 +45,8 @@ def main():
     if not 0 <= args.keep <= 1:
         raise common.UserError(f"--keep {args.keep} is not a share between 0 and 1")
     items = common.list_split(os.path.join(args.src, "bounding_box_train"))
-    labels = relabel([pid for _, pid, _ in items], args.keep, args.seed)
+    pids = np.array([pid for _, pid, _ in items])
+    labels = relabel(pids, args.keep, args.seed)
     out_dir = os.path.join(args.out, "bounding_box_train")
     if os.path.isdir(out_dir):
         raise common.UserError(f"'{out_dir}' exists: remove it or choose another --out")
@@ -68,7 +69,7 @@ def main():
             w.writeheader()
             w.writerows(rows)
     common.atomic_write(os.path.join(args.out, "labels.csv"), write)
-    wrong = float(np.mean(labels != np.array([pid for _, pid, _ in items])))
+    wrong = float(np.mean(labels != pids))
     print(f"read {len(items)} images from '{args.src}'; wrote '{out_dir}' and labels.csv: "
           f"{100 * wrong:.1f}% of them under another identity's label (--keep {args.keep})")
 
