@@ -67,6 +67,9 @@ def parse_args(argv=None):
     s = p.add_argument_group("--from-scratch model sizes")
     s.add_argument("--unet-channels", default="32,64", help="U-Net block widths (every block has attention)")
     s.add_argument("--vae-channels", default="16,32,64,64", help="VAE block widths; factor 2^(len-1) (8, like SD)")
+    s.add_argument("--guider-widths", default="8,16,32,64", help="pose guider conv widths, full resolution's then "
+                   "one per level (--pretrained keeps SD-1.5's 16,32,96,256, sized for its 320-channel conv_in; "
+                   "on the tiny U-Nets those took most of a training step)")
     s.add_argument("--clip-dim", type=int, default=64, help="random tiny CLIP's projection dim = U-Net "
                    "cross-attention dim (with --image-encoder: that encoder's)")
     s.add_argument("--vae-steps", type=int, default=600)
@@ -120,6 +123,10 @@ def parse_args(argv=None):
     except ValueError:
         raise UserError(f"--resolution '{args.resolution}' is not WIDTHxHEIGHT (e.g. 192x384)")
     args.size = (ht, wd)
+    for name in ("unet_channels", "vae_channels", "guider_widths"):
+        v = getattr(args, name)
+        if not all(c.strip().isdigit() and int(c) > 0 for c in v.split(",")):
+            raise UserError(f"--{name.replace('_', '-')} '{v}' is not a list of positive integers (e.g. 32,64)")
     if args.from_scratch:  # its VAE's factor is known before the VAE trains: fail before, not after
         check_resolution(args, 2 ** (len(args.vae_channels.split(",")) - 1))
     return args
@@ -377,7 +384,8 @@ def build(args, items, device, is_main):
                         f"{unet.config.cross_attention_dim}: pick a matching image encoder")
     ref = copy.deepcopy(unet)  # both U-Nets start from the same weights (paper 3.4)
     torch.manual_seed(args.seed + 5)
-    gen = common.Generator(ref, unet, common.build_guiders(unet.conv_in.out_channels, models.vae_factor(vae)))
+    widths = tuple(int(c) for c in args.guider_widths.split(",")) if owned else common.GUIDER_WIDTHS
+    gen = common.Generator(ref, unet, common.build_guiders(unet.conv_in.out_channels, models.vae_factor(vae), widths))
     return gen, vae.eval().requires_grad_(False), enc.eval().requires_grad_(False), schedule, sources, owned
 
 # -----------------------------------------------------------------------------

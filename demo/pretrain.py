@@ -86,6 +86,8 @@ def main():
     if args.smoke:
         args.people, args.frames, args.encoder_steps, args.vae_steps = 4, 4, 4, 4
         args.steps, args.snapshot_every, args.batch_size = 4, 2, 2
+    if args.steps < 1 or args.snapshot_every < 1:
+        raise common.UserError(f"--steps {args.steps} and --snapshot-every {args.snapshot_every} must be at least 1")
     work = os.path.abspath(args.work)
     corpus, enc_dir, gen_dir = (os.path.join(work, d) for d in ("corpus", "image_encoder", "generator"))
     os.makedirs(work, exist_ok=True)
@@ -109,6 +111,7 @@ def main():
                "--image-encoder", enc_dir, "--resolution", "64x128", "--vae-steps", str(args.vae_steps),
                "--vae-batch-size", "2" if args.smoke else "16",
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--ema", "0.999", "--min-snr-gamma", "5",
+               "--cache-encodings",  # each frame through the frozen VAE and image encoder once, not twice a step
                "--save-every", str(args.snapshot_every), "--sample-every", str(args.snapshot_every)]
     gen_cmd += ["--device", args.device] if args.device else []
     gen_cmd += ["--sample-steps", "2", "--num-val", "2"] if args.smoke else []

@@ -11,6 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from stages import ROOT  # noqa: E402  (puts the repository root on sys.path)
@@ -191,9 +192,16 @@ def test_02_stage1_trains_on_the_smoke_corpus(corpus, tmp_path):
     r = script(os.path.join(ROOT, "02_train_generator.py"), "--stage", 1, "--data", os.path.join(d, "frames"),
                "--conditions", os.path.join(d, "conditions"), "--out", out, "--from-scratch", "--resolution", "64x128",
                "--vae-steps", 2, "--vae-batch-size", 2, "--steps", 2, "--batch-size", 2, "--sample-every", 0,
-               "--sample-steps", 2, "--num-val", 2, "--save-every", 2, "--log-every", 1, "--threads", 1)
+               "--sample-steps", 2, "--num-val", 2, "--save-every", 2, "--log-every", 1, "--threads", 1,
+               "--guider-widths", "8,16,32,64")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"read {PEOPLE * FRAMES} images in {PEOPLE} videos" in r.stdout
+    # the guiders have the widths asked for, and load back with them (factor 8: 3 levels)
+    g = models.load_guiders(os.path.join(out, "guiders.safetensors"))
+    for k in common.COND_KINDS:
+        convs = [m for m in g[k].body if isinstance(m, torch.nn.Conv2d)]
+        assert [c.out_channels for c in convs] == [8, 8, 16, 16, 32, 32, 64], k
+        assert [c.stride[0] for c in convs] == [1, 1, 2, 1, 2, 1, 2], k
     for f in ("reference_unet", "denoising_unet", "guiders.safetensors", "scheduler", "vae", "image_encoder",
               "args.json", "checkpoint.pt", "log.csv"):
         assert os.path.exists(os.path.join(out, f)), f
