@@ -128,7 +128,7 @@ VARIANTS=$([ $TABLES = 1 ] && echo "ii iii iv vi" || echo vi)   # what gets gene
 # the demo's "pre-trained diffusion": the generator demo/pretrain.py builds from a corpus of other people
 DEMO_GENERATOR=${DEMO_GENERATOR:-assets/demo_generator}
 if [ "$DATASET" = demo ] && [ $DRY = 0 ] && [ ! -f "$DEMO_GENERATOR/args.json" ]; then
-  echo "error: the demo's pretrained generator '$DEMO_GENERATOR' is missing: rebuild it with 'python demo/pretrain.py --out $DEMO_GENERATOR' (about 75 minutes on 2 cores) or restore assets/ from git" >&2; exit 2
+  echo "error: the demo's pretrained generator '$DEMO_GENERATOR' is missing: rebuild it with 'python demo/pretrain.py --out $DEMO_GENERATOR' (about 80 minutes on 2 cores) or restore assets/ from git" >&2; exit 2
 fi
 
 if [ "$DATASET" = demo ]; then
