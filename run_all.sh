@@ -146,7 +146,8 @@ if [ "$DATASET" = demo ]; then
     # generator: the shipped pretrained one (demo/pretrain.py) fine-tuned on the train split, batch 16,
     # EMA, min-SNR like its pretraining, 3,000 steps (the identity score keeps rising with the steps;
     # with the slim guiders 3,000 take the time 2,000 took before: docs/generator.md); (V) with
-    # --tables: the same architecture from scratch on the train split alone, the settings of the measured CPU learning run (docs/generator.md). Re-ID (docs/reid.md):
+    # --tables: the same architecture from scratch on the train split alone, the settings of the
+    # measured CPU learning run (docs/generator.md). Re-ID (docs/reid.md):
     # a ResNet18 with 1/4 of the channels (8x the iterations per minute), from scratch at 64x32, 2,400
     # iterations with lr x0.1 after 1,800 (what fits the time budget with 3 seeds; the curves still rise a
     # little there); lr 1e-3 (the paper's 1e-5 is for fine-tuning ImageNet weights) and a BNNeck: without
