@@ -128,8 +128,12 @@ def parse_args(argv=None):
         if not all(c.strip().isdigit() and int(c) > 0 for c in v.split(",")):
             raise UserError(f"--{name.replace('_', '-')} '{v}' is not a list of positive integers (e.g. 32,64)")
     if args.from_scratch:  # its VAE's factor is known before the VAE trains: fail before, not after
-        check_resolution(args, 2 ** (len(args.vae_channels.split(",")) - 1))
+        check_resolution(args, 2 ** (len(int_list(args.vae_channels)) - 1))
     return args
+
+
+def int_list(s):
+    return tuple(int(c) for c in s.split(","))
 
 
 def check_resolution(args, f):
@@ -262,7 +266,7 @@ def batches(start_micro, batch_size, rank, world):
 
 def tiny_unet(args, latent_hw, cross_dim):
     from diffusers import UNet2DConditionModel
-    ch = tuple(int(c) for c in args.unet_channels.split(","))
+    ch = int_list(args.unet_channels)
     n = len(ch)
     return UNet2DConditionModel(
         sample_size=latent_hw, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=ch,
@@ -277,7 +281,7 @@ def train_vae(args, items, device):
     nearly grey, yet clothing colour is most of what tells the demo's people apart: the colour
     part of the error gets --vae-chroma-weight more (docs/generator.md, "The demo VAE's colours")."""
     from diffusers import AutoencoderKL
-    ch = tuple(int(c) for c in args.vae_channels.split(","))
+    ch = int_list(args.vae_channels)
     torch.manual_seed(args.seed + 11)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(ch),
                         up_block_types=("UpDecoderBlock2D",) * len(ch), block_out_channels=ch, layers_per_block=1,
@@ -384,7 +388,7 @@ def build(args, items, device, is_main):
                         f"{unet.config.cross_attention_dim}: pick a matching image encoder")
     ref = copy.deepcopy(unet)  # both U-Nets start from the same weights (paper 3.4)
     torch.manual_seed(args.seed + 5)
-    widths = tuple(int(c) for c in args.guider_widths.split(",")) if owned else common.GUIDER_WIDTHS
+    widths = int_list(args.guider_widths) if owned else common.GUIDER_WIDTHS
     gen = common.Generator(ref, unet, common.build_guiders(unet.conv_in.out_channels, models.vae_factor(vae), widths))
     return gen, vae.eval().requires_grad_(False), enc.eval().requires_grad_(False), schedule, sources, owned
 

@@ -404,6 +404,11 @@ def save_json(path, obj):
     save_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def save_image(path, img):
     """img: PIL image or HxW / HxWx3 uint8 array. Format from the extension."""
     if isinstance(img, np.ndarray):

@@ -19,7 +19,6 @@ Steps (each resumes or is skipped when its output is there; rerun the same comma
 """
 import os
 import sys
-import json
 import time
 import shutil
 import socket
@@ -92,11 +91,7 @@ def main():
     corpus, enc_dir, gen_dir = (os.path.join(work, d) for d in ("corpus", "image_encoder", "generator"))
     os.makedirs(work, exist_ok=True)
     log_path = os.path.join(work, "pretrain_log.json")
-    if os.path.isfile(log_path):
-        with open(log_path) as f:
-            log = json.load(f)
-    else:
-        log = {}
+    log = common.load_json(log_path) if os.path.isfile(log_path) else {}
     t0 = time.time()
 
     corpus_cmd = ["demo/corpus.py", "--out", corpus, "--workers", str(args.workers)]
@@ -135,7 +130,7 @@ def main():
                 steps=log, training_log_rows=len(rows), git_commit=git,
                 machine=dict(host=socket.gethostname(), cpus=os.cpu_count(), platform=platform.platform(),
                              device=args.device or "cpu"),
-                encoder_check=json.load(open(os.path.join(enc_dir, "encoder.json"))))
+                encoder_check=common.load_json(os.path.join(enc_dir, "encoder.json")))
     common.save_json(os.path.join(tmp, "provenance.json"), prov)
     models.swap_in(tmp, args.out)
     print(f"wrote '{args.out}' ({folder_mb(args.out):.1f} MB) with provenance.json; "

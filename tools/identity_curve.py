@@ -16,8 +16,8 @@ and the PNG.
 """
 import os
 import sys
+import io
 import csv
-import json
 import argparse
 import subprocess
 
@@ -47,7 +47,7 @@ def measure(gen, out, run_dir, args):
         run(["tools/identity_score.py", "--model", os.path.join(run_dir, "reid", "base_s0", "model.pt"),
              "--data-root", world, "--generated", os.path.join(out, "generated"), "--oracle", os.path.join(out, "oracle"),
              "--out", ident])
-    fid, idn = (json.load(open(os.path.join(out, f))) for f in ("fidelity.json", "identity.json"))
+    fid, idn = (common.load_json(os.path.join(out, f)) for f in ("fidelity.json", "identity.json"))
     g = fid["identity_gain_psnr_foreground"]
     return dict(identity_generated=idn["generated"]["agreement"], identity_oracle=idn["oracle"]["agreement"],
                 chance=idn["chance"], person_psnr_gain=g["mean"], gain_lo=g["ci95"][0], gain_hi=g["ci95"][1],
@@ -76,11 +76,11 @@ def main():
             raise common.UserError(f"--point '{p}' is not LABEL=GENERATOR")
         rows.append(dict(name=label, step=-1, **measure(gen, os.path.join(args.work, label.replace(" ", "_").replace("/", "_")),
                                                         args.run, args)))
-    os.makedirs(args.work, exist_ok=True)
-    with open(os.path.join(args.work, "curve.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    common.save_text(os.path.join(args.work, "curve.csv"), text.getvalue())
 
     import matplotlib
     matplotlib.use("Agg")
@@ -105,9 +105,7 @@ def main():
     a.legend(fontsize=8)
     b.legend(fontsize=8)
     fig.tight_layout()
-    tmp = args.out + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, args.out)
+    common.atomic_write(args.out, lambda tmp: fig.savefig(tmp, dpi=90))
     print(f"read {len(rows)} generators; wrote {os.path.join(args.work, 'curve.csv')} and {args.out}")
 
 

@@ -11,7 +11,6 @@ the stage times of run_all.sh (stage_times.csv) when present. Writes <results>/s
 import os
 import re
 import sys
-import json
 import argparse
 
 import numpy as np
@@ -45,7 +44,7 @@ def summarize(results_dir, readme=None):
     """Aggregate the per-model json files into one markdown table (mean +- sample std over
     seeds) and optionally splice it into the README between the results markers."""
     import glob
-    runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "*.json")))]
+    runs = [common.load_json(f) for f in sorted(glob.glob(os.path.join(results_dir, "*.json")))]
     runs = [r for r in runs if "mAP" in r]
     if not runs:
         raise common.UserError(f"no result json files in '{results_dir}': run 05_evaluate.py on trained models first")
@@ -80,7 +79,7 @@ def summarize(results_dir, readme=None):
 
     fid = os.path.join(results_dir, "fidelity.json")
     if os.path.exists(fid):
-        f = json.load(open(fid))
+        f = common.load_json(fid)
         c = f["control_pose_shuffled"]
         table += (f"\nGenerator fidelity, {f['images']:,} generated (VI) images against ground-truth renders of the same "
                   f"jobs (`demo/fidelity.py`): person PSNR {num(f['psnr_foreground'], '.2f')} dB, "
@@ -94,7 +93,7 @@ def summarize(results_dir, readme=None):
         table += "\n"
     ident = os.path.join(results_dir, "identity.json")
     if os.path.exists(ident):  # tools/identity_score.py
-        d = json.load(open(ident))
+        d = common.load_json(ident)
         table += (f"\nIdentity kept (`tools/identity_score.py`: the generated image's nearest identity centroid, by the "
                   f"row-(I) model, is its source identity): {100 * d['generated']['agreement']:.1f}% of "
                   f"{d['generated']['images']:,} generated images"
@@ -103,7 +102,7 @@ def summarize(results_dir, readme=None):
                   + f"; chance {100 * d['chance']:.1f}% ({d['identities']} identities){lost(d['generated'])}.\n")
     fid_v, ident_v = (os.path.join(results_dir, f) for f in ("fidelity_v.json", "identity_v.json"))
     if os.path.exists(fid_v) and os.path.exists(ident_v):  # run_all.sh demo --tables: row (V)'s generator, same jobs
-        g, d = json.load(open(fid_v))["identity_gain_psnr_foreground"], json.load(open(ident_v))
+        g, d = common.load_json(fid_v)["identity_gain_psnr_foreground"], common.load_json(ident_v)
         table += (f"\nThe same checks for row (V)'s generator (the same architecture trained from scratch on the train "
                   f"split), on the same jobs: person PSNR {gain(g)}; identity kept for "
                   f"{100 * d['generated']['agreement']:.1f}% of {d['generated']['images']:,} images{lost(d['generated'])}.\n")
