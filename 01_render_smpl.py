@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import common
+import util
 from body import (load_body, body_forward, fit_camera, scale_camera, load_params, parse_size, procedural_poses,
                   Renderer, condition_maps, write_maps, COND_KINDS, cond_path)
 
@@ -39,7 +39,7 @@ def sample_views(rng, n, kind):
         return rng.uniform(0, 30, n), rng.uniform(0, 360, n)
     if kind == "train":
         return rng.uniform(8, 14, n), (rng.integers(0, 2, n) * 180 + rng.normal(0, 10, n)) % 360
-    raise common.UserError(f"unknown viewpoint distribution '{kind}': use 'uniform' or 'train'")
+    raise util.UserError(f"unknown viewpoint distribution '{kind}': use 'uniform' or 'train'")
 
 
 def upright(global_orient, up="z"):
@@ -59,17 +59,17 @@ def load_pose_bank(path, up="z"):
     """AMASS-style .npz: key `poses` (N x >=72 SMPL axis-angle; N x 156 = SMPL-H, whose hand joints
     are dropped), optional `betas` (N x >=10 or one row). -> global_orient, body_pose, betas."""
     if not os.path.exists(path):
-        raise common.UserError(f"pose bank '{path}' not found")
+        raise util.UserError(f"pose bank '{path}' not found")
     try:
         z = np.load(path)
     except Exception as e:
-        raise common.UserError(f"pose bank '{path}' is not a readable .npz file ({type(e).__name__})")
+        raise util.UserError(f"pose bank '{path}' is not a readable .npz file ({type(e).__name__})")
     if "poses" not in z.files:
-        raise common.UserError(f"pose bank '{path}' has no key 'poses' (found {z.files}): expected an AMASS-style "
+        raise util.UserError(f"pose bank '{path}' has no key 'poses' (found {z.files}): expected an AMASS-style "
                                f".npz with poses of shape N x 72 (or more) in SMPL axis-angle")
     p = np.asarray(z["poses"], dtype=np.float64)
     if p.ndim != 2 or p.shape[1] < 72 or len(p) == 0:
-        raise common.UserError(f"pose bank '{path}': 'poses' has shape {p.shape}, expected N x 72 (or more) "
+        raise util.UserError(f"pose bank '{path}': 'poses' has shape {p.shape}, expected N x 72 (or more) "
                                f"SMPL axis-angle")
     body = np.concatenate([p[:, 3:66], np.zeros((len(p), 6))], 1) if p.shape[1] == 156 else p[:, 3:72]
     betas = np.zeros((len(p), 10))
@@ -91,7 +91,7 @@ def make_targets(args):
     rng = np.random.default_rng(args.seed)
     P, Q = args.num_poses, args.views_per_pose
     if P < 1 or Q < 1:
-        raise common.UserError("--num-poses and --views-per-pose must be at least 1")
+        raise util.UserError("--num-poses and --views-per-pose must be at least 1")
     if args.pose_bank:
         go, bp, betas = load_pose_bank(args.pose_bank, args.bank_up)
         pick = rng.choice(len(bp), size=P, replace=len(bp) < P)
@@ -120,8 +120,8 @@ def make_targets(args):
         ren.delete()
     lines = ["target_id,pose_id,pose_source,pose_kind,elevation,azimuth"]
     lines += [f"{ids[i]},{pose_ids[rows[i]]},{source},{kinds[rows[i]]},{elev[i]:.2f},{azim[i]:.2f}" for i in range(P * Q)]
-    common.save_text(os.path.join(args.out, "targets.csv"), "\n".join(lines) + "\n")
-    common.save_npz(os.path.join(args.out, "params.npz"), target_id=np.array(ids), pose_id=pose_ids[rows],
+    util.save_text(os.path.join(args.out, "targets.csv"), "\n".join(lines) + "\n")
+    util.save_npz(os.path.join(args.out, "params.npz"), target_id=np.array(ids), pose_id=pose_ids[rows],
                     pose_kind=kinds[rows], betas=betas[rows].astype(np.float32),
                     global_orient=go[rows].astype(np.float32), body_pose=bp[rows].astype(np.float32),
                     elevation=elev.astype(np.float32), azimuth=azim.astype(np.float32),
@@ -199,7 +199,7 @@ def main():
     args.smpl_model = getattr(args, "sub_smpl_model", None) or args.smpl_model
     if args.cmd is None:
         ap.print_help()
-        raise common.UserError("give a subcommand: conditions or targets (the demo world: demo/world.py)")
+        raise util.UserError("give a subcommand: conditions or targets (the demo world: demo/world.py)")
     if args.cmd == "targets":
         args.size = args.size or "192x384"
         return make_targets(args)
@@ -207,4 +207,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import common
+import util
 from body import (COCO17_TO_OPENPOSE18, OPENPOSE18_SMPL, SMPL_JOINTS, load_body, body_forward, look_at,
                   project, viewpoint, load_params)
 
@@ -55,10 +55,10 @@ def jidx(name, axis):
 def image_list(data, split):
     folder = os.path.join(data, split)
     if not os.path.isdir(folder):
-        raise common.UserError(f"image folder '{folder}' not found (expected <data>/{split}/ with .jpg/.png images)")
-    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(common.IMAGE_EXTS))
+        raise util.UserError(f"image folder '{folder}' not found (expected <data>/{split}/ with .jpg/.png images)")
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(util.IMAGE_EXTS))
     if not names:
-        raise common.UserError(f"no images (.jpg/.png) in '{folder}'")
+        raise util.UserError(f"no images (.jpg/.png) in '{folder}'")
     return folder, names
 
 
@@ -68,10 +68,10 @@ def load_vitpose(model_id, device):
         proc = VitPoseImageProcessor.from_pretrained(model_id)
         model = VitPoseForPoseEstimation.from_pretrained(model_id).to(device).eval()
     except Exception as e:
-        raise common.UserError(f"cannot load ViTPose '{model_id}' ({type(e).__name__}: {str(e).splitlines()[0][:120]}):"
+        raise util.UserError(f"cannot load ViTPose '{model_id}' ({type(e).__name__}: {str(e).splitlines()[0][:120]}):"
                                f" give a local folder (save_pretrained) or a hub id such as {DEFAULT_VITPOSE}")
     if model.config.num_labels != 17:
-        raise common.UserError(f"ViTPose '{model_id}' predicts {model.config.num_labels} keypoints: a COCO-17 "
+        raise util.UserError(f"ViTPose '{model_id}' predicts {model.config.num_labels} keypoints: a COCO-17 "
                                f"checkpoint is needed (e.g. {DEFAULT_VITPOSE})")
     return proc, model
 
@@ -104,7 +104,7 @@ def run_keypoints(args):
             kps.append(vitpose_keypoints(proc, model, ims, device))
             sizes += [(im.height, im.width) for im in ims]
         path = os.path.join(args.out, f"{split}.keypoints.npz")
-        common.save_npz(path, names=np.array(names), keypoints=np.concatenate(kps),
+        util.save_npz(path, names=np.array(names), keypoints=np.concatenate(kps),
                         image_size=np.array(sizes, np.int32), model=np.array(args.model))
         print(f"read {len(names)} images from {folder}; wrote {path}")
     print(f"keypoints: {time.time() - t0:.1f} s")
@@ -270,7 +270,7 @@ def fit_keypoints(kb, names, kp, image_size, args, device):
     norm = np.stack([(kp[..., 0] - W[:, None] / 2) / H[:, None], (kp[..., 1] - H[:, None] / 2) / H[:, None]], -1)
     idx = np.flatnonzero(ok)
     if not len(idx):
-        raise common.UserError(f"no image has {args.min_keypoints} keypoints with score >= {args.min_score}: nothing to fit")
+        raise util.UserError(f"no image has {args.min_keypoints} keypoints with score >= {args.min_score}: nothing to fit")
     res = []
     t0 = time.time()
     for s in tqdm(range(0, len(idx), args.batch), desc="fit", unit="batch"):
@@ -307,7 +307,7 @@ def reprojection_px(kb, p, kp, conf):
 def save_sidecar(path, p, skipped, model_name):
     keys = ("names", "betas", "global_orient", "body_pose", "elevation", "azimuth", "K", "R", "t", "image_size")
     extra = {k: p[k] for k in ("keypoints", "reproj_px") if k in p}
-    common.save_npz(path, **{k: np.asarray(p[k]).astype(np.float32) if k not in ("names", "image_size") else p[k]
+    util.save_npz(path, **{k: np.asarray(p[k]).astype(np.float32) if k not in ("names", "image_size") else p[k]
                              for k in keys}, **extra, skipped=np.array(skipped, dtype=str), model=np.array(model_name))
 
 
@@ -324,10 +324,10 @@ def run_fit(args):
     for split in args.splits:
         kpath = args.keypoints or os.path.join(args.out, f"{split}.keypoints.npz")
         if not os.path.exists(kpath):
-            raise common.UserError(f"keypoint file '{kpath}' not found: run '01b_estimate_smpl.py keypoints' first")
+            raise util.UserError(f"keypoint file '{kpath}' not found: run '01b_estimate_smpl.py keypoints' first")
         with np.load(kpath, allow_pickle=False) as z:
             if not {"names", "keypoints", "image_size"} <= set(z.files) or z["keypoints"].shape[1:] != (17, 3):
-                raise common.UserError(f"'{kpath}' is not a keypoint file: expected names, keypoints (N,17,3) "
+                raise util.UserError(f"'{kpath}' is not a keypoint file: expected names, keypoints (N,17,3) "
                                        f"COCO-17 [x, y, score], image_size (N,2)")
             names, kp, size = z["names"], z["keypoints"].astype(np.float64), z["image_size"]
         out, skipped, dt = fit_keypoints(kb, names, kp, size, args, device)
@@ -352,7 +352,7 @@ def as_axis_angle(a, joints, what):
         return Rotation.from_matrix(a.reshape(-1, 3, 3)).as_rotvec().reshape(n, joints * 3)
     if a.size == n * joints * 3:
         return a.reshape(n, joints * 3)
-    raise common.UserError(f"'{what}' has shape {a.shape}: expected (N,{joints * 3}) axis-angle or "
+    raise util.UserError(f"'{what}' has shape {a.shape}: expected (N,{joints * 3}) axis-angle or "
                            f"(N,{joints},3,3) rotation matrices")
 
 
@@ -360,18 +360,18 @@ def run_import(args):
     body = load_body(args.smpl_model)
     kb = keypoint_body(body)
     if not os.path.exists(args.params):
-        raise common.UserError(f"parameter file '{args.params}' not found")
+        raise util.UserError(f"parameter file '{args.params}' not found")
     try:
         with np.load(args.params, allow_pickle=False) as z:
             d = {k: z[k] for k in z.files}
     except Exception as e:
-        raise common.UserError(f"'{args.params}' is not a readable .npz file ({type(e).__name__})")
+        raise util.UserError(f"'{args.params}' is not a readable .npz file ({type(e).__name__})")
     need = [k for k in ("names", "global_orient", "body_pose", "image_size") if k not in d]
     cam = "K" in d and "R" in d and "t" in d
     if not cam and not ("focal_length" in d and "cam_t" in d):
         need.append("focal_length + cam_t (or K, R, t)")
     if need:
-        raise common.UserError(f"'{args.params}' lacks {need}: see docs/estimate.md for the format")
+        raise util.UserError(f"'{args.params}' lacks {need}: see docs/estimate.md for the format")
     n = len(d["names"])
     go = as_axis_angle(d["global_orient"], 1, "global_orient")
     bp = as_axis_angle(d["body_pose"], 23, "body_pose")
@@ -479,7 +479,7 @@ def run_evaluate(args):
                   f"{r['azim_err_body']:.1f}; {100 * r['azim_within_45']:.0f}% within 45), reprojection "
                   f"{r['reproj_px']:.2f} px, {r['images_per_s']:.1f} images/s")
     if args.json:
-        common.save_json(args.json, dict(args={k: v for k, v in vars(args).items() if k != "func"}, rows=rows))
+        util.save_json(args.json, dict(args={k: v for k, v in vars(args).items() if k != "func"}, rows=rows))
         print(f"wrote {args.json}")
     print(f"evaluate: {time.time() - t0:.1f} s")
     return rows
@@ -538,9 +538,9 @@ def main():
     args = ap.parse_args()
     if args.cmd is None:
         ap.print_help()
-        raise common.UserError("give a subcommand: keypoints, fit, import or evaluate")
+        raise util.UserError("give a subcommand: keypoints, fit, import or evaluate")
     {"keypoints": run_keypoints, "fit": run_fit, "import": run_import, "evaluate": run_evaluate}[args.cmd](args)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -40,8 +40,9 @@ from tqdm import tqdm
 
 import body
 import common
+import util
 import models
-from common import UserError
+from util import UserError
 
 
 def parse_args(argv=None):
@@ -146,8 +147,8 @@ def check_resolution(args, f):
 
 def list_pairs_stage2(data, conditions):
     """-> items [(image path, condition folder, stem)], groups [[item indices of one pid]]."""
-    cond_dir = os.path.join(conditions, common.SPLIT_DIRS["train"])
-    train = common.list_split(os.path.join(data, common.SPLIT_DIRS["train"]))
+    cond_dir = os.path.join(conditions, util.SPLIT_DIRS["train"])
+    train = util.list_split(os.path.join(data, util.SPLIT_DIRS["train"]))
     items, by_pid = [], {}
     for path, pid, _ in train:
         by_pid.setdefault(pid, []).append(len(items))
@@ -164,7 +165,7 @@ def list_pairs_stage1(data, conditions):
         d = os.path.join(data, vid)
         if not os.path.isdir(d):
             continue
-        frames = sorted(f for f in os.listdir(d) if f.lower().endswith(common.IMAGE_EXTS))
+        frames = sorted(f for f in os.listdir(d) if f.lower().endswith(util.IMAGE_EXTS))
         g = []
         for f in frames:
             g.append(len(items))
@@ -449,7 +450,7 @@ def main():
     # ---- models
     os.makedirs(args.out, exist_ok=True)
     if is_main:
-        common.remove_stale_temps(args.out)  # e.g. a checkpoint whose save a kill interrupted
+        util.remove_stale_temps(args.out)  # e.g. a checkpoint whose save a kill interrupted
     gen, vae, enc, schedule, sources, owned = build(args, items, device, is_main)
     f = models.vae_factor(vae)
     check_resolution(args, f)
@@ -508,7 +509,7 @@ def main():
         run_args = {k: v for k, v in vars(args).items() if k != "size"}
         run_args.update(sources, resolution=[args.size[1], args.size[0]], vae_factor=f,
                         size_hw=list(args.size), conditions_kinds=list(common.COND_KINDS))
-        common.save_json(os.path.join(args.out, "args.json"), run_args)
+        util.save_json(os.path.join(args.out, "args.json"), run_args)
         models.save_pretrained_atomic(DDPMScheduler.from_config(schedule), os.path.join(args.out, "scheduler"))
         if owned:  # parts built here (from scratch) travel with the generator folder
             for sub, m in (("vae", vae), ("image_encoder", enc)):
@@ -550,7 +551,7 @@ def main():
         ck = dict(model=gen.state_dict(), opt=opt.state_dict(), step=step, rng=rng, args=vars(args))
         if ema is not None:
             ck["ema"] = ema.state_dict()
-        common.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))  # written last: it marks a complete save
+        util.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))  # written last: it marks a complete save
 
     def write_log():
         def w(tmp):
@@ -558,7 +559,7 @@ def main():
                 wr = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "sec_per_step", "samples_per_sec"])
                 wr.writeheader()
                 wr.writerows(log_rows)
-        common.atomic_write(log_path, w)
+        util.atomic_write(log_path, w)
 
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training", disable=not is_main)
     losses, t_last = [], time.time()
@@ -614,7 +615,7 @@ def main():
         if is_main and ((args.sample_every and done % args.sample_every == 0) or done == args.steps):
             with ema_weights():
                 grid = sample_grid(gen, vae, enc, schedule, val, args, device, autocast)
-            common.save_image(os.path.join(args.out, "samples", f"step_{done:06d}.png"), grid)
+            util.save_image(os.path.join(args.out, "samples", f"step_{done:06d}.png"), grid)
         if is_main and (done % args.save_every == 0 or done == args.steps):
             save(done)
     if ddp:
@@ -630,4 +631,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

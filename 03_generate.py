@@ -12,7 +12,7 @@ classifier-free guidance (25 steps, 3.5), using the noise-schedule config the ge
 trained with. The reference U-Net runs ONCE per reference; its features serve every denoising
 step and every target of that reference. Output: <out>/bounding_box_train/PPPP_cCs0_RRTTTT_00.jpg
 (Market-1501 names that every Re-ID toolkit reads: the source pid and camera, sequence 0, which
-no real image has (common.generated_name); RR = reference slot, TTTT = target row) + <out>/manifest.csv (file, source, pid, target_id, pose_id, elevation,
+no real image has (util.generated_name); RR = reference slot, TTTT = target row) + <out>/manifest.csv (file, source, pid, target_id, pose_id, elevation,
 azimuth, seed). Images are written atomically; a rerun skips what exists and the manifest only
 ever lists complete images (it matches the folder after every finished run). Split one job
 list over machines/GPUs with --shard i/n and/or torchrun (rank/world). --benchmark N measures
@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 import body
 import common
+import util
 import models
-from common import UserError
+from util import UserError
 
 MANIFEST_COLS = ["file", "source", "pid", "target_id", "pose_id", "elevation", "azimuth", "seed"]
 TARGET_COLS = ["target_id", "pose_id", "pose_source", "elevation", "azimuth"]
@@ -109,7 +110,7 @@ def make_jobs(train, targets, args):
                 rows = sorted(np.random.default_rng([args.seed, pid, r]).choice(len(targets), args.targets_per_ref, replace=False))
             for ti in rows:
                 t = targets[ti]
-                jobs.append(dict(file="bounding_box_train/" + common.generated_name(pid, camera[ref], r * 10_000 + ti),
+                jobs.append(dict(file="bounding_box_train/" + util.generated_name(pid, camera[ref], r * 10_000 + ti),
                                  source=os.path.basename(ref), ref_path=ref, pid=pid, target_id=t["target_id"],
                                  pose_id=t["pose_id"], elevation=t["elevation"], azimuth=t["azimuth"],
                                  seed=int(((args.seed * 1_000_003 + pid) * 100 + r) * 10_000 + ti)))
@@ -128,7 +129,7 @@ def write_manifest(out, jobs):
         have = listing()
         rows = [j for j in jobs if os.path.basename(j["file"]) in have]
         lines = [",".join(MANIFEST_COLS)] + [",".join(str(j[c]) for c in MANIFEST_COLS) for j in rows]
-        common.save_text(os.path.join(out, "manifest.csv"), "\n".join(lines) + "\n")
+        util.save_text(os.path.join(out, "manifest.csv"), "\n".join(lines) + "\n")
         if listing() == have:
             return len(rows)
 
@@ -146,7 +147,7 @@ def generate(argv=None):
         torch.set_num_threads(args.threads)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
-    train = common.list_split(os.path.join(args.data, common.SPLIT_DIRS["train"]))
+    train = util.list_split(os.path.join(args.data, util.SPLIT_DIRS["train"]))
     targets = read_targets(args.targets)
     gen, vae, enc, schedule, gargs = models.load_generator(args.generator)
     size = tuple(gargs["size_hw"])
@@ -199,7 +200,7 @@ def generate(argv=None):
         return benchmark(args, groups, size, reference_cache, run_batch, device)
 
     os.makedirs(os.path.join(args.out, "bounding_box_train"), exist_ok=True)
-    common.remove_stale_temps(os.path.join(args.out, "bounding_box_train"))
+    util.remove_stale_temps(os.path.join(args.out, "bounding_box_train"))
     todo = sum(1 for g in groups.values() for j in g if not os.path.isfile(os.path.join(args.out, j["file"])))
     n_mine = sum(len(g) for g in groups.values())
     print(f"{len(jobs)} jobs in all ({len(refs)} references); this part {part}/{parts}: {n_mine}, "
@@ -215,7 +216,7 @@ def generate(argv=None):
         for b in range(0, len(pending), args.batch_size):
             chunk = pending[b:b + args.batch_size]
             for j, img in zip(chunk, run_batch(cache, chunk)):
-                common.save_image(os.path.join(args.out, j["file"]), img)
+                util.save_image(os.path.join(args.out, j["file"]), img)
             bar.update(len(chunk))
             if time.time() - last_manifest > 10:  # a killed run's manifest lags by seconds at most
                 write_manifest(args.out, jobs)
@@ -264,4 +265,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -26,6 +26,7 @@ import torchvision.transforms as T
 from tqdm import tqdm
 
 import common
+import util
 import models
 
 # -----------------------------------------------------------------------------
@@ -96,9 +97,9 @@ class PKSampler:
         labels = np.asarray(labels)
         self.by_pid = {int(p): np.flatnonzero(labels == p) for p in np.unique(labels)}
         if len(self.by_pid) < P:
-            raise common.UserError(f"a PK batch needs P={P} identities but the train split has only {len(self.by_pid)}: lower --P")
+            raise util.UserError(f"a PK batch needs P={P} identities but the train split has only {len(self.by_pid)}: lower --P")
         if P % world_size:
-            raise common.UserError(f"P={P} identities per batch cannot be split evenly over {world_size} processes")
+            raise util.UserError(f"P={P} identities per batch cannot be split evenly over {world_size} processes")
         self.P, self.K, self.seed, self.rank, self.world_size = P, K, seed, rank, world_size
 
     def epoch(self, e):
@@ -196,7 +197,7 @@ def main():
 
     # -------------------------------------------------------------------------
     # data
-    data = common.load_reid_dataset(args.data_root, extra_train=args.extra_train, extra_count=args.extra_count,
+    data = util.load_reid_dataset(args.data_root, extra_train=args.extra_train, extra_count=args.extra_count,
                                     check_sizes=not args.no_size_check,
                                     name=None if args.dataset == "auto" else args.dataset)
     train, n_bad = models.check_images(data["train"], "train images")
@@ -231,7 +232,7 @@ def main():
     if os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt["num_classes"] != data["num_classes"]:
-            raise common.UserError(f"checkpoint '{ckpt_path}' was trained on {ckpt['num_classes']} identities, the data "
+            raise util.UserError(f"checkpoint '{ckpt_path}' was trained on {ckpt['num_classes']} identities, the data "
                                    f"has {data['num_classes']}: use another --out or delete the checkpoint")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -246,21 +247,21 @@ def main():
             print(f"{args.out} is already trained to iteration {start}; nothing to do")
         return
     if master:
-        common.save_json(os.path.join(args.out, "args.json"), vars(args))
+        util.save_json(os.path.join(args.out, "args.json"), vars(args))
         # keep the log consistent with the checkpoint: drop rows written after it
         rows = []
         if start and os.path.exists(log_path):
             with open(log_path) as f:
                 rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start]
         fields = ["iteration", "loss", "triplet", "ce", "acc", "lr", "sec_per_iter"]
-        common.save_text(log_path, ",".join(fields) + "\n" + "".join(",".join(r[k] for k in fields) + "\n" for r in rows))
+        util.save_text(log_path, ",".join(fields) + "\n" + "".join(",".join(r[k] for k in fields) + "\n" for r in rows))
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     def save_checkpoint(it):
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iteration=it,
                      num_classes=data["num_classes"], rng_torch=torch.get_rng_state(),
                      rng_numpy=np.random.get_state(), rng_python=random.getstate(), args=vars(args))
-        common.atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+        util.atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     # -------------------------------------------------------------------------
     # training loop: iteration-based, the PK stream resumes at the global batch number
@@ -324,7 +325,7 @@ def main():
         out = os.path.join(args.out, "model.pt")
         state = dict(state_dict=model.state_dict(), arch=args.arch, num_classes=data["num_classes"], bnneck=args.bnneck,
                      width_mult=args.width_mult, height=args.height, width=args.width, iterations=it)
-        common.atomic_write(out, lambda tmp: torch.save(state, tmp))
+        util.atomic_write(out, lambda tmp: torch.save(state, tmp))
         print(f"wrote {out} ({it} iterations, {time.time() - t0:.0f} s), {log_path}, {ckpt_path}")
     if world > 1:
         diff = models.ranks_weight_difference(model)
@@ -336,4 +337,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

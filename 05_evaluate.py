@@ -17,6 +17,7 @@ import argparse
 import numpy as np
 
 import common
+import util
 import models
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +45,7 @@ def main():
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, ckpt = models.load_reid_model(args.model, device)
 
-    data = common.load_reid_dataset(args.data_root, test_root=args.test_root, check_sizes=not args.no_size_check,
+    data = util.load_reid_dataset(args.data_root, test_root=args.test_root, check_sizes=not args.no_size_check,
                                     name=None if args.dataset == "auto" else args.dataset)
     query, n_bad_q = models.check_images(data["query"], "query images")
     gallery, n_bad_g = models.check_images(data["gallery"], "gallery images")
@@ -69,14 +70,14 @@ def main():
                cmc=cmc.tolist(), num_query=len(query), num_gallery=len(gallery),
                num_valid_queries=r["num_valid_queries"], num_skipped_queries=r["num_skipped_queries"],
                seconds=round(time.time() - t0, 1))
-    common.save_json(os.path.join(results_dir, f"{name}.json"), row)
+    util.save_json(os.path.join(results_dir, f"{name}.json"), row)
     table = os.path.join(results_dir, "results.md")
     header = "| name | test set | mAP | R1 | R5 | R10 | mINP |\n|---|---|---|---|---|---|---|\n"
     old = open(table).read() if os.path.exists(table) else header
     old = "".join(l for l in old.splitlines(True) if not l.startswith(f"| {name} |"))  # a rerun replaces its row
     line = (f"| {name} | {test_root} | {100 * r['mAP']:.1f} | {100 * row['R1']:.1f} | {100 * row['R5']:.1f} "
             f"| {100 * row['R10']:.1f} | {100 * r['mINP']:.1f} |\n")
-    common.save_text(table, old + line)
+    util.save_text(table, old + line)
     print(f"{name}: mAP {100 * r['mAP']:.1f}  R1 {100 * row['R1']:.1f}  R5 {100 * row['R5']:.1f}  "
           f"R10 {100 * row['R10']:.1f}  mINP {100 * r['mINP']:.1f}  ({r['num_valid_queries']} queries, "
           f"{r['num_skipped_queries']} skipped)")
@@ -84,4 +85,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

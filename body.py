@@ -27,7 +27,8 @@ os.environ.setdefault("LP_NUM_THREADS", "1")  # OSMesa's rasteriser: one thread 
 import torch
 from PIL import Image, ImageDraw
 
-from common import COND_KINDS, UserError, save_image
+from common import COND_KINDS
+from util import UserError, save_image
 
 # -----------------------------------------------------------------------------
 # 1. Condition maps (depth / normal / skeleton): encoding and file names

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import COND_KINDS, Generator, PoseGuider, UserError, atomic_write
+from common import COND_KINDS, Generator, PoseGuider
+from util import UserError, atomic_write
 
 # -----------------------------------------------------------------------------
 # the frozen VAE and CLIP image encoder

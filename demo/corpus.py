@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import common  # noqa: E402
+import util  # noqa: E402
 from body import (OPEN_BODY, ID_KINDS, OOD_KINDS, body_forward, condition_maps, parse_size,  # noqa: E402
                   procedural_pose, write_maps, Renderer)
 from demo.world import World, sample_identity, camera_style  # noqa: E402
@@ -102,7 +102,7 @@ def render_video(pid):
         # maps of the body alone (the backpack's vertices come after the body's), from the same camera:
         # what 01 conditions makes from the smpl npz
         maps, _ = condition_maps(_MAPS, verts[i][:w.V], joints[i], K, R, t, size, faces=w.body_faces)
-        common.save_image(os.path.join(part_f, f"{i:03d}.png"), img)
+        util.save_image(os.path.join(part_f, f"{i:03d}.png"), img)
         write_maps(part_c, f"{i:03d}", maps)
         Ks.append(K), Rs.append(R), ts.append(t)
     for d, part in (("frames", part_f), ("conditions", part_c)):
@@ -110,7 +110,7 @@ def render_video(pid):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.rmtree(dst, ignore_errors=True)  # moved in by a run killed before its npz
         os.replace(part, dst)
-    common.save_npz(os.path.join(out, "smpl", vid + ".npz"), names=np.array([f"{i:03d}.png" for i in range(frames)]),
+    util.save_npz(os.path.join(out, "smpl", vid + ".npz"), names=np.array([f"{i:03d}.png" for i in range(frames)]),
                     betas=np.tile(np.asarray(ident["betas"], np.float32), (frames, 1)),
                     global_orient=plan["global_orient"].astype(np.float32),
                     body_pose=plan["body_pose"].astype(np.float32),
@@ -128,10 +128,10 @@ def build_corpus(args):
     if args.smoke:
         args.people, args.frames = 4, 4
     if args.people < 1 or not 2 <= args.frames <= 1000:
-        raise common.UserError(f"--people {args.people} --frames {args.frames}: need at least 1 person and 2..1000 "
+        raise util.UserError(f"--people {args.people} --frames {args.frames}: need at least 1 person and 2..1000 "
                                f"frames (stage 1 pairs two frames of one video; frame names have 3 digits)")
     if args.pid_start < 10000 or args.pid_start + args.people > 1000000:
-        raise common.UserError(f"--pid-start {args.pid_start}: corpus pids must lie in 10000..999999, apart from the "
+        raise util.UserError(f"--pid-start {args.pid_start}: corpus pids must lie in 10000..999999, apart from the "
                                f"demo world's (its Market names hold 4-digit pids) and within 6-digit video ids")
     pids = list(range(args.pid_start, args.pid_start + args.people))
     people = [person(args.seed, p)[1:] for p in pids]  # cheap: identities + styles for the meta
@@ -148,13 +148,13 @@ def build_corpus(args):
         was = dict(format=old.get("format"), seed=old.get("seed"), model=old.get("model"), **old.get("config", {}))
         diff = [f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(now) | set(was)) if was.get(k) != now.get(k)]
         if diff:
-            raise common.UserError(f"'{args.out}' holds a corpus built with other settings ({'; '.join(diff)}): "
+            raise util.UserError(f"'{args.out}' holds a corpus built with other settings ({'; '.join(diff)}): "
                                    f"rerun with its settings, or use another --out")
         if old.get("people", 0) > args.people:
-            raise common.UserError(f"'{args.out}' holds {old['people']} people, --people {args.people} would leave "
+            raise util.UserError(f"'{args.out}' holds {old['people']} people, --people {args.people} would leave "
                                    f"some unlisted in identities.json: pass --people {old['people']} or more")
         print(f"read {meta_path}: {old['people']} people, seed {old['seed']}")
-    common.save_json(meta_path, meta)  # first: a resumed run checks its settings against it
+    util.save_json(meta_path, meta)  # first: a resumed run checks its settings against it
     todo = [p for p in pids if not os.path.isfile(os.path.join(args.out, "smpl", f"{p:06d}.npz"))]
     print(f"corpus: {args.people} people (pids {pids[0]}..{pids[-1]}) x {args.frames} frames, {size[1]}x{size[0]} px, "
           f"seed {args.seed} -> {args.out}: {args.people - len(todo)} videos exist, {len(todo)} to render with "
@@ -198,4 +198,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

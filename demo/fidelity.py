@@ -20,9 +20,10 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import common  # noqa: E402
-from common import UserError  # noqa: E402
+import util  # noqa: E402
+from util import UserError  # noqa: E402
 from body import cond_path  # noqa: E402
+
 
 def estimate_mask(img, thr=0.12):
     """Foreground of an HxWx3 [0,1] image: pixels far from the median colour of the image border
@@ -177,7 +178,7 @@ def fidelity(argv=None):
         pick = [r["file"] for r in have[::max(1, len(have) // args.ceiling_images)][:args.ceiling_images]]
         res["vae_ceiling"] = vae_ceiling(args.generator, [ora[f] for f in pick], [omask[f] for f in pick])
     out = args.out or os.path.join(args.generated, "fidelity.json")
-    common.save_json(out, res)
+    util.save_json(out, res)
     if args.sheet:
         sample_sheet(args, by_src, gen, ora)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
@@ -220,8 +221,8 @@ def sample_sheet(args, by_src, gen, ora, per_row=4):
                       to8(gen[r["file"]]), to8(ora[r["file"]])]
         cells += [np.zeros((h, w, 3), np.uint8)] * (1 + 3 * per_row - len(cells))  # pad short rows
         lines.append(np.concatenate(cells, 1))
-    common.save_image(args.sheet, np.concatenate(lines, 0))
+    util.save_image(args.sheet, np.concatenate(lines, 0))
     print(f"wrote {args.sheet} ({len(lines)} references x {per_row} jobs: skeleton | generated | oracle)")
 
 if __name__ == "__main__":
-    common.run_main(fidelity)
+    util.run_main(fidelity)

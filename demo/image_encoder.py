@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import common  # noqa: E402
+import util  # noqa: E402
 import models  # noqa: E402
 from body import parse_size  # noqa: E402
 
@@ -34,12 +34,12 @@ def load_corpus(root, size):
     """-> uint8 frames (N, H, W, 3) and the video index of each; videos = frames/<video_id>/*.png."""
     fdir = os.path.join(root, "frames")
     if not os.path.isdir(fdir):
-        raise common.UserError(f"'{root}' has no frames/ folder: make the corpus with 'python demo/corpus.py --out {root}'")
+        raise util.UserError(f"'{root}' has no frames/ folder: make the corpus with 'python demo/corpus.py --out {root}'")
     videos = sorted(v for v in os.listdir(fdir) if os.path.isdir(os.path.join(fdir, v)))
-    names = [sorted(f for f in os.listdir(os.path.join(fdir, v)) if f.lower().endswith(common.IMAGE_EXTS))
+    names = [sorted(f for f in os.listdir(os.path.join(fdir, v)) if f.lower().endswith(util.IMAGE_EXTS))
              for v in videos]
     if len(videos) < 4 or min(len(n) for n in names) < 2:  # checked before any image is read
-        raise common.UserError(f"corpus '{root}' needs 4+ videos of 2+ frames each (found {len(videos)} videos, "
+        raise util.UserError(f"corpus '{root}' needs 4+ videos of 2+ frames each (found {len(videos)} videos, "
                                f"{sum(len(n) < 2 for n in names)} of them with fewer than 2 frames)")
     frames, video = [], []
     for k, (v, fs) in enumerate(zip(tqdm(videos, desc="reading corpus", unit="video"), names)):
@@ -92,7 +92,7 @@ def main():
     is_held = np.isin(video, held)
     train_vids = np.setdiff1d(np.arange(n_vid), held)
     if len(train_vids) < 2:
-        raise common.UserError(f"corpus '{args.corpus}' has too few videos to train on ({n_vid}, {len(held)} held out)")
+        raise util.UserError(f"corpus '{args.corpus}' has too few videos to train on ({n_vid}, {len(held)} held out)")
     P = min(args.people, len(train_vids))
     by_video = [np.flatnonzero(video == v) for v in range(n_vid)]
     print(f"read {len(frames)} frames of {n_vid} videos from '{args.corpus}'; training on {len(train_vids)}, "
@@ -132,11 +132,11 @@ def main():
                  heldout_nearest_same_person_trained=after, chance=float(np.mean([(np.sum(video[is_held] == v) - 1)
                                                                              / (is_held.sum() - 1) for v in video[is_held]])),
                  projection_scale=scale, seconds=round(time.time() - t0, 1))
-    common.save_json(os.path.join(args.out, "encoder.json"), stats)
+    util.save_json(os.path.join(args.out, "encoder.json"), stats)
     print(f"held-out videos: a frame's nearest other frame shows the same person {100 * after:.1f}% of the time "
           f"(random encoder {100 * before:.1f}%, chance {100 * stats['chance']:.1f}%)")
     print(f"wrote '{args.out}' (save_pretrained) and encoder.json in {stats['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -21,7 +21,7 @@ import argparse
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import common  # noqa: E402
+import util  # noqa: E402
 
 
 def relabel(pids, keep, seed):
@@ -43,19 +43,19 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if not 0 <= args.keep <= 1:
-        raise common.UserError(f"--keep {args.keep} is not a share between 0 and 1")
-    items = common.list_split(os.path.join(args.src, "bounding_box_train"))
+        raise util.UserError(f"--keep {args.keep} is not a share between 0 and 1")
+    items = util.list_split(os.path.join(args.src, "bounding_box_train"))
     pids = np.array([pid for _, pid, _ in items])
     labels = relabel(pids, args.keep, args.seed)
     out_dir = os.path.join(args.out, "bounding_box_train")
     if os.path.isdir(out_dir):
-        raise common.UserError(f"'{out_dir}' exists: remove it or choose another --out")
+        raise util.UserError(f"'{out_dir}' exists: remove it or choose another --out")
     tmp = out_dir + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     rows = []
     for k, ((path, pid, cam), label) in enumerate(zip(items, labels)):
-        name = common.generated_name(int(label), cam, k)  # k: unique, so no two images share a name
+        name = util.generated_name(int(label), cam, k)  # k: unique, so no two images share a name
         try:
             os.link(path, os.path.join(tmp, name))
         except OSError:
@@ -68,11 +68,11 @@ def main():
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    common.atomic_write(os.path.join(args.out, "labels.csv"), write)
+    util.atomic_write(os.path.join(args.out, "labels.csv"), write)
     wrong = float(np.mean(labels != pids))
     print(f"read {len(items)} images from '{args.src}'; wrote '{out_dir}' and labels.csv: "
           f"{100 * wrong:.1f}% of them under another identity's label (--keep {args.keep})")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -22,18 +22,18 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import common  # noqa: E402
+import util  # noqa: E402
 from body import load_params, parse_size, scale_camera  # noqa: E402
 from demo.world import World  # noqa: E402
 
 def read_manifest(path):
     if not os.path.exists(path):
-        raise common.UserError(f"manifest '{path}' not found (03_generate.py writes augmented/<variant>/manifest.csv)")
+        raise util.UserError(f"manifest '{path}' not found (03_generate.py writes augmented/<variant>/manifest.csv)")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     need = {"file", "source", "pid", "target_id", "pose_id", "elevation", "azimuth", "seed"}
     if not rows or not need <= set(rows[0]):
-        raise common.UserError(f"manifest '{path}' needs columns {sorted(need)}"
+        raise util.UserError(f"manifest '{path}' needs columns {sorted(need)}"
                                + ("" if rows else " and at least one row"))
     return rows
 
@@ -47,7 +47,7 @@ def make_oracle(args):
     rows = read_manifest(args.manifest)
     meta_path = os.path.join(args.world, "identities.json")
     if not os.path.exists(meta_path):
-        raise common.UserError(f"'{meta_path}' not found: the oracle needs the demo world (demo/world.py)")
+        raise util.UserError(f"'{meta_path}' not found: the oracle needs the demo world (demo/world.py)")
     with open(meta_path) as f:
         meta = json.load(f)
     tp = load_params(os.path.join(args.targets, "params.npz"))
@@ -60,9 +60,9 @@ def make_oracle(args):
         for r in tqdm(rows, desc="oracle", unit="img"):
             pid, tid = int(r["pid"]), r["target_id"]
             if pid not in world.ids:
-                raise common.UserError(f"manifest row '{r['file']}': pid {pid} is not a demo-world identity")
+                raise util.UserError(f"manifest row '{r['file']}': pid {pid} is not a demo-world identity")
             if tid not in tindex:
-                raise common.UserError(f"manifest row '{r['file']}': target '{tid}' is not in {args.targets}/params.npz")
+                raise util.UserError(f"manifest row '{r['file']}': target '{tid}' is not in {args.targets}/params.npz")
             i = tindex[tid]
             dst = os.path.join(args.out, r["file"])
             stem = os.path.splitext(os.path.basename(r["file"]))[0]
@@ -74,13 +74,13 @@ def make_oracle(args):
             img, mask, _ = world.render(world.ids[pid], tp["global_orient"][i], tp["body_pose"][i],
                                         float(tp["elevation"][i]), float(tp["azimuth"][i]), style, size,
                                         int(r["seed"]), camera=cam)
-            common.save_image(dst, img)
-            common.save_image(mask_path, (mask * 255).astype(np.uint8))
+            util.save_image(dst, img)
+            util.save_image(mask_path, (mask * 255).astype(np.uint8))
             n += 1
     finally:
         world.close()
     with open(args.manifest) as f:
-        common.save_text(os.path.join(args.out, "manifest.csv"), f.read())
+        util.save_text(os.path.join(args.out, "manifest.csv"), f.read())
     print(f"read {args.manifest} ({len(rows)} rows), {args.targets}/params.npz, {meta_path}; wrote {n} oracle images "
           f"+ masks/ + manifest.csv to {args.out} ({len(rows) - n} existed) in {time.time() - t0:.1f} s")
 
@@ -98,4 +98,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -28,7 +28,7 @@ import tempfile
 import subprocess
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import common  # noqa: E402
+import util  # noqa: E402
 import models  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,10 +44,10 @@ def run(name, cmd, log, log_path):
     t0 = time.time()
     rc = subprocess.call([sys.executable] + cmd, cwd=ROOT)
     if rc != 0:
-        raise common.UserError(f"'{cmd[0]}' failed (exit {rc}); fix what it reported and rerun: finished steps are kept")
+        raise util.UserError(f"'{cmd[0]}' failed (exit {rc}); fix what it reported and rerun: finished steps are kept")
     prev = log.get(name, {}).get("seconds", 0.0)
     log[name] = dict(command="python " + " ".join(cmd), seconds=round(prev + time.time() - t0, 1))
-    common.save_json(log_path, log)
+    util.save_json(log_path, log)
 
 
 def copy_generator(src, dst):
@@ -86,12 +86,12 @@ def main():
         args.people, args.frames, args.encoder_steps, args.vae_steps = 4, 4, 4, 4
         args.steps, args.snapshot_every, args.batch_size = 4, 2, 2
     if args.steps < 1 or args.snapshot_every < 1:
-        raise common.UserError(f"--steps {args.steps} and --snapshot-every {args.snapshot_every} must be at least 1")
+        raise util.UserError(f"--steps {args.steps} and --snapshot-every {args.snapshot_every} must be at least 1")
     work = os.path.abspath(args.work)
     corpus, enc_dir, gen_dir = (os.path.join(work, d) for d in ("corpus", "image_encoder", "generator"))
     os.makedirs(work, exist_ok=True)
     log_path = os.path.join(work, "pretrain_log.json")
-    log = common.load_json(log_path) if os.path.isfile(log_path) else {}
+    log = util.load_json(log_path) if os.path.isfile(log_path) else {}
     t0 = time.time()
 
     corpus_cmd = ["demo/corpus.py", "--out", corpus, "--workers", str(args.workers)]
@@ -130,12 +130,12 @@ def main():
                 steps=log, training_log_rows=len(rows), git_commit=git,
                 machine=dict(host=socket.gethostname(), cpus=os.cpu_count(), platform=platform.platform(),
                              device=args.device or "cpu"),
-                encoder_check=common.load_json(os.path.join(enc_dir, "encoder.json")))
-    common.save_json(os.path.join(tmp, "provenance.json"), prov)
+                encoder_check=util.load_json(os.path.join(enc_dir, "encoder.json")))
+    util.save_json(os.path.join(tmp, "provenance.json"), prov)
     models.swap_in(tmp, args.out)
     print(f"wrote '{args.out}' ({folder_mb(args.out):.1f} MB) with provenance.json; "
           f"{sum(s['seconds'] for s in log.values()) / 60:.1f} min of stage runs in all ({time.time() - t0:.0f} s this call)")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

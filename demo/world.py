@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import common  # noqa: E402
+import util  # noqa: E402
 from body import (OPEN_BODY, JOINTS, load_body, body_forward, fit_camera, scale_camera, parse_size,  # noqa: E402
                   procedural_poses, Renderer)
 
@@ -272,7 +272,7 @@ def _render_world_chunk(args):
     for j, v in zip(jobs, verts):
         img, mask, (K, R, t) = _WORLD.render(ident, None, None, j["elevation"], j["azimuth"], j["style"], (H, W),
                                              j["seed"], posed=v)
-        common.save_image(os.path.join(root, j["folder"], j["name"]), img)
+        util.save_image(os.path.join(root, j["folder"], j["name"]), img)
         out.append((j["folder"], j["name"], K, R, t))
     return out
 
@@ -286,7 +286,7 @@ def build_world(args):
     elif args.smoke:
         n_train, n_test, k = 30, 20, 3
     if min(n_train, n_test, k) < 1 or (k < 2):
-        raise common.UserError("the world needs at least 1 train id, 1 test id and 2 images per camera "
+        raise util.UserError("the world needs at least 1 train id, 1 test id and 2 images per camera "
                                "(one query + one gallery image)")
     rng = np.random.default_rng(args.seed)
     idents = [sample_identity(rng, p, "train") for p in range(1, n_train + 1)]
@@ -336,7 +336,7 @@ def build_world(args):
         root, split = (os.path.join(args.out, "shifted"), folder.split("/")[1]) if "/" in folder else (args.out, folder)
         K, R, t = (np.stack(a) for a in zip(*[cams[(folder, j["name"])] for j in js]))
         pid2b = {p["pid"]: p["betas"] for p in idents}
-        common.save_npz(os.path.join(root, "smpl", split + ".npz"), names=np.array([j["name"] for j in js]),
+        util.save_npz(os.path.join(root, "smpl", split + ".npz"), names=np.array([j["name"] for j in js]),
                         betas=np.array([pid2b[j["pid"]] for j in js], np.float32),
                         global_orient=np.stack([j["global_orient"] for j in js]).astype(np.float32),
                         body_pose=np.stack([j["body_pose"] for j in js]).astype(np.float32),
@@ -346,7 +346,7 @@ def build_world(args):
                         image_size=np.tile([H, W], (len(js), 1)).astype(np.int32),
                         camera=np.array([j["camera"] for j in js], np.int32),
                         pose_kind=np.array([j["pose_kind"] for j in js]), model=np.array(meta["model"]))
-    common.save_json(os.path.join(args.out, "identities.json"), meta)
+    util.save_json(os.path.join(args.out, "identities.json"), meta)
     size_mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs) / 1e6
     print(f"wrote {n} images + smpl/*.npz sidecars + identities.json under {args.out}: "
           f"{size_mb:.1f} MB in {time.time() - t0:.0f} s")
@@ -371,4 +371,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from stages import load_stage  # noqa: E402  (and the repository root on sys.path)
 import common  # noqa: E402
+import util  # noqa: E402
 import models  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def main():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     opt.step()
     same = models.ranks_weight_difference(model)
-    common.save_json(os.path.join(out, f"rank{rank}.json"), dict(rank=rank, world=world, checked=n_checked,
+    util.save_json(os.path.join(out, f"rank{rank}.json"), dict(rank=rank, world=world, checked=n_checked,
                      max_rel_err_vs_mean_of_local=mean_err, local_grads_differ=differ, weight_difference=same))
     torch.distributed.destroy_process_group()
 

@@ -20,6 +20,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 # in this process (OSMesa) segfaults, so it is imported here, before anything renders
 from transformers import CLIPVisionModelWithProjection  # noqa: E402
 import common  # noqa: E402
+import util  # noqa: E402
 import models  # noqa: E402
 import body  # noqa: E402
 from demo.world import World  # noqa: E402
@@ -120,8 +121,8 @@ def test_workers_and_rerenders_give_identical_files(corpus, tmp_path):
         shutil.rmtree(os.path.join(c, d, "100002"))
     os.remove(os.path.join(c, "smpl", "100002.npz"))
     os.remove(os.path.join(c, "smpl", "100003.npz"))
-    common.save_image(os.path.join(c, "frames", "100003", "000.png"), np.zeros((128, 64, 3), np.uint8))
-    common.save_image(os.path.join(c, ".partial", "frames", "100003", "009.png"), np.zeros((128, 64, 3), np.uint8))
+    util.save_image(os.path.join(c, "frames", "100003", "000.png"), np.zeros((128, 64, 3), np.uint8))
+    util.save_image(os.path.join(c, ".partial", "frames", "100003", "009.png"), np.zeros((128, 64, 3), np.uint8))
     r = script(CORPUS, "--out", c, "--smoke", "--workers", 1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{PEOPLE - 2} videos exist, 2 to render" in r.stdout

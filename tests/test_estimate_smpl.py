@@ -14,7 +14,7 @@ import torch
 
 from stages import ROOT, load_stage  # noqa: E402  (puts the repository root on sys.path)
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
-import common  # noqa: E402
+import util  # noqa: E402
 import body  # noqa: E402
 
 e01 = load_stage("01b_estimate_smpl.py")
@@ -160,7 +160,7 @@ def test_fit_cli_sidecar_skips_and_conditions(smpl, world, tmp_path):
     kp = e01.truth_keypoints(model, p)
     kp[3, :, 2] = 0.0          # no confident keypoint: marked and skipped
     kp[5, 6:, 2] = 0.1         # only 6 left above the score threshold: still fitted
-    common.save_npz(tmp_path / "smpl" / "bounding_box_train.keypoints.npz", names=p["names"],
+    util.save_npz(tmp_path / "smpl" / "bounding_box_train.keypoints.npz", names=p["names"],
                     keypoints=kp.astype(np.float32), image_size=p["image_size"])
     r = run(SCRIPT, "fit", "--out", tmp_path / "smpl", "--batch", 16, "--steps", 80)
     assert r.returncode == 0, r.stderr
@@ -184,7 +184,7 @@ def test_fit_cli_sidecar_skips_and_conditions(smpl, world, tmp_path):
 
 
 def test_all_keypoints_unconfident_is_one_line(world, tmp_path):
-    common.save_npz(tmp_path / "bounding_box_train.keypoints.npz", names=np.array(["a.jpg"]),
+    util.save_npz(tmp_path / "bounding_box_train.keypoints.npz", names=np.array(["a.jpg"]),
                     keypoints=np.zeros((1, 17, 3), np.float32), image_size=np.array([[128, 64]]))
     r = run(SCRIPT, "fit", "--out", tmp_path)
     assert r.returncode == 2 and "nothing to fit" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -19,6 +19,7 @@ import torch
 
 from stages import ROOT, load_stage  # noqa: E402  (puts the repository root on sys.path)
 import common  # noqa: E402
+import util  # noqa: E402
 import body  # noqa: E402
 import models  # noqa: E402
 from demo import fidelity  # noqa: E402
@@ -66,9 +67,9 @@ def make_world(root, n_pids=3, per_pid=3):
             cam = 1 + k % 2
             stem = f"{pid:04d}_c{cam}s1_{k:06d}_00"
             img, maps, _ = person(cam, pid, pose=pid + 3 * k)
-            common.save_image(os.path.join(data, "bounding_box_train", stem + ".png"), img)
+            util.save_image(os.path.join(data, "bounding_box_train", stem + ".png"), img)
             for kind, m in maps.items():
-                common.save_image(body.cond_path(os.path.join(cond, "bounding_box_train"), stem, kind), m)
+                util.save_image(body.cond_path(os.path.join(cond, "bounding_box_train"), stem, kind), m)
     return data, cond
 
 
@@ -79,9 +80,9 @@ def make_targets(root, n=5, name="t"):
         tid = f"t{i:03d}"
         _, maps, _ = person(0, 1, pose=2 * i + 1)
         for kind, m in maps.items():
-            common.save_image(body.cond_path(os.path.join(d, "maps"), tid, kind), m)
+            util.save_image(body.cond_path(os.path.join(d, "maps"), tid, kind), m)
         rows.append(f"{tid},{i},test,{10 + i},{36 * i}")
-    common.save_text(os.path.join(d, "targets.csv"), "target_id,pose_id,pose_source,elevation,azimuth\n" + "\n".join(rows) + "\n")
+    util.save_text(os.path.join(d, "targets.csv"), "target_id,pose_id,pose_source,elevation,azimuth\n" + "\n".join(rows) + "\n")
     return d
 
 
@@ -262,7 +263,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                    image_size=16, patch_size=8, projection_dim=16)).save_pretrained(os.path.join(d, "image_encoder"))
     DDPMScheduler.from_config(models.SD15_SCHEDULE).save_pretrained(os.path.join(d, "scheduler"))
-    common.save_json(os.path.join(d, "args.json"), dict(pretrained=None, size_hw=[H, W]))
+    util.save_json(os.path.join(d, "args.json"), dict(pretrained=None, size_hw=[H, W]))
     gen2, vae, enc, schedule, _ = models.load_generator(d)
     a, b = gen.state_dict(), gen2.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -377,9 +378,9 @@ def test_03_kill_rerun_and_shards_match_a_straight_run(world, trained, tmp_path)
     rows = list(csv.DictReader(open(os.path.join(a, "manifest.csv"))))
     assert rows[0].keys() == set(["file", "source", "pid", "target_id", "pose_id", "elevation", "azimuth", "seed"])
     for row in rows:
-        pid, cam = common.parse_name(row["file"])
-        assert (pid, cam) == (int(row["pid"]), common.parse_name(row["source"])[1])  # the source's pid and camera
-        assert pid == common.parse_name(row["source"])[0] and "s0_" in row["file"]
+        pid, cam = util.parse_name(row["file"])
+        assert (pid, cam) == (int(row["pid"]), util.parse_name(row["source"])[1])  # the source's pid and camera
+        assert pid == util.parse_name(row["source"])[0] and "s0_" in row["file"]
     # killed mid-run, then rerun
     b = str(tmp_path / "b")
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "03_generate.py"), *map(str, gen_args(world, trained["a"], b, "--steps", 10))],
@@ -457,11 +458,11 @@ def test_fidelity_metrics_and_controls(world, tmp_path):
         for ti in range(3):
             f = f"bounding_box_train/{pid:04d}_c9s1_00{ti:04d}_00.jpg"
             img, _, mask = person(0, pid, pose=4 * ti)
-            common.save_image(str(odir / f), img)
-            common.save_image(str(odir / "masks" / (os.path.basename(f)[:-4] + ".mask.png")), (mask * 255).astype(np.uint8))
-            common.save_image(str(gdir / f), img)
+            util.save_image(str(odir / f), img)
+            util.save_image(str(odir / "masks" / (os.path.basename(f)[:-4] + ".mask.png")), (mask * 255).astype(np.uint8))
+            util.save_image(str(gdir / f), img)
             rows.append(f"{f},src{pid}.jpg,{pid},t{ti},{ti},10,0,0")
-    common.save_text(str(gdir / "manifest.csv"), "\n".join(rows) + "\n")
+    util.save_text(str(gdir / "manifest.csv"), "\n".join(rows) + "\n")
     res = fidelity.fidelity(["--generated", str(gdir), "--oracle", str(odir)])
     assert res["images"] == 6 and res["oracle_masks"] == "files"
     assert res["ssim"] > 0.95 and res["mask_iou"] > 0.8
@@ -473,9 +474,9 @@ def test_fidelity_metrics_and_controls(world, tmp_path):
     from PIL import Image
     data, targets = tmp_path / "data", tmp_path / "targets"
     for pid in (1, 2):
-        common.save_image(str(data / "bounding_box_train" / f"src{pid}.jpg"), person(1, pid, pose=0)[0])
+        util.save_image(str(data / "bounding_box_train" / f"src{pid}.jpg"), person(1, pid, pose=0)[0])
     for ti in range(3):
-        common.save_image(body.cond_path(str(targets / "maps"), f"t{ti}", "skeleton"), np.full((H, W, 3), 40 * ti, np.uint8))
+        util.save_image(body.cond_path(str(targets / "maps"), f"t{ti}", "skeleton"), np.full((H, W, 3), 40 * ti, np.uint8))
     sheet = str(tmp_path / "sheet.png")
     fidelity.fidelity(["--generated", str(gdir), "--oracle", str(odir), "--sheet", sheet, "--data", str(data), "--targets", str(targets)])
     S = np.asarray(Image.open(sheet))
@@ -523,7 +524,7 @@ def test_fidelity_vae_ceiling_is_the_vae_round_trip(world, trained):
 def one_line_error(capsys, mod, argv, monkeypatch, main=None):
     monkeypatch.setattr(sys, "argv", ["x", *map(str, argv)])
     with pytest.raises(SystemExit) as e:
-        common.run_main(main or mod.main)
+        util.run_main(main or mod.main)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err
@@ -566,7 +567,7 @@ def test_bad_inputs_give_one_line(world, trained, tmp_path, capsys, monkeypatch)
     assert "condition maps missing" in one_line_error(capsys, s02, args, monkeypatch)
     # empty target set, and a generator folder that is not one
     tdir = tmp_path / "targets_empty"
-    common.save_text(str(tdir / "targets.csv"), "target_id,pose_id,pose_source,elevation,azimuth\n")
+    util.save_text(str(tdir / "targets.csv"), "target_id,pose_id,pose_source,elevation,azimuth\n")
     g = gen_args(world, trained["a"], str(tmp_path / "aug"))
     g[g.index("--targets") + 1] = str(tdir)
     assert "empty" in one_line_error(capsys, s03, g, monkeypatch)
@@ -582,9 +583,9 @@ def test_02_stage1_video_pairs_then_stage2_init(world, tmp_path, monkeypatch, ca
     for vid in ("vidA", "vidB"):
         for k in range(6):
             img, maps, _ = person(3, 1 + (vid == "vidB"), pose=k)
-            common.save_image(str(frames / vid / f"{k:05d}.png"), img)
+            util.save_image(str(frames / vid / f"{k:05d}.png"), img)
             for kind, m in maps.items():
-                common.save_image(body.cond_path(str(fcond / vid), f"{k:05d}", kind), m)
+                util.save_image(body.cond_path(str(fcond / vid), f"{k:05d}", kind), m)
     items, groups = s02.list_pairs_stage1(str(frames), str(fcond))
     data = s02.PairData(items, groups, (H, W), 0, 1, 3)
     for k in range(30):  # two frames of one video, at least --min-frame-gap apart
@@ -611,9 +612,9 @@ def test_skip_missing_conditions_drops_images_and_small_groups(tmp_path):
     items = [(f"img{i}.jpg", cond, f"s{i}") for i in range(5)]
     for i in (0, 1, 2, 4):  # s3 has no maps
         for k in common.COND_KINDS:
-            common.save_image(body.cond_path(cond, f"s{i}", k), np.zeros((8, 4), np.uint8))
+            util.save_image(body.cond_path(cond, f"s{i}", k), np.zeros((8, 4), np.uint8))
     groups = [[0, 1], [2, 3], [3, 4, 0]]
-    with pytest.raises(common.UserError, match="1 of 5 images.*s3.depth.png.*--skip-missing-conditions"):
+    with pytest.raises(util.UserError, match="1 of 5 images.*s3.depth.png.*--skip-missing-conditions"):
         s02.check_conditions(items, groups)
     # [2, 3] loses its partner and goes; [3, 4, 0] keeps the two with maps
     assert s02.check_conditions(items, groups, skip_missing=True) == [[0, 1], [4, 0]]
@@ -644,7 +645,7 @@ def test_stale_temps_of_a_killed_run_are_removed_live_ones_kept(tmp_path):
             os.utime(p, (old, old))
     (tmp_path / ".tmp_unet" / "weights.bin").write_bytes(b"x")
     os.utime(tmp_path / ".tmp_unet", (old, old))
-    common.remove_stale_temps(str(tmp_path))
+    util.remove_stale_temps(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == [".tmp_live.pt", "checkpoint.pt"]
 
 

@@ -5,7 +5,7 @@ import json
 import subprocess
 
 from stages import ROOT  # noqa: E402  (puts the repository root on sys.path)
-import common  # noqa: E402
+import util  # noqa: E402
 
 ROWS = ["(I) no augmentation", "(II) in-distribution poses and viewpoints", "(III) out-of-distribution poses",
         "(IV) uniform viewpoints", "(V) = (VI) with a randomly initialised diffusion model", "(VI) both = Diff-ID", "ORACLE: (VI)'s jobs rendered as ground truth"]
@@ -30,7 +30,7 @@ def test_run_all_demo_smoke(tmp_path):
         files = sorted(os.listdir(run / "augmented" / v / "bounding_box_train"))
         assert rows and sorted(os.path.basename(x["file"]) for x in rows) == files
         by_file = {os.path.basename(x["file"]): x for x in rows}  # source pid and camera, sequence 0
-        assert all(common.parse_name(f) == common.parse_name(by_file[f]["source"]) and "s0_" in f for f in files)
+        assert all(util.parse_name(f) == util.parse_name(by_file[f]["source"]) and "s0_" in f for f in files)
     # (VI) fine-tunes the shipped pretrained generator; (V) trains the same architecture from scratch
     args = {g: json.loads((run / g / "args.json").read_text()) for g in ("generator", "generator_v")}
     assert args["generator"]["init"] == "assets/demo_generator" and not args["generator"]["from_scratch"]

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from stages import ROOT  # noqa: E402  (puts the repository root on sys.path)
-import common  # noqa: E402
+import util  # noqa: E402
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the hub cache names snapshots
 # the tiny SD repo's own noise schedule differs from SD-1.5's, so a run that fell back to the
@@ -88,7 +88,7 @@ def data(tmp_path_factory):
         shutil.copytree(world / split, market / split)
         os.makedirs(duke / split)
         for i, f in enumerate(sorted(os.listdir(world / split))):
-            pid, cam = common.parse_name(f)
+            pid, cam = util.parse_name(f)
             shutil.copy(world / split / f, duke / split / f"{pid:04d}_c{cam + 6}_f{i:07d}.jpg")
     videos = root / "videos"
     for vid, pid in (("vidA", 1), ("vidB", 2)):
@@ -151,9 +151,9 @@ def test_run_all_real_data_offline(dataset, source, data, hub, tmp_path):
     rows = {os.path.basename(x["file"]): x for x in csv.DictReader(open(run / "augmented" / "vi" / "manifest.csv"))}
     assert parsed and sorted(rows) == [p[0] for p in parsed]
     for name, pid, camid in parsed:
-        assert (pid, camid) == common.parse_name(rows[name]["source"]) and "s0_" in name
+        assert (pid, camid) == util.parse_name(rows[name]["source"]) and "s0_" in name
     # 04 tells generated from real images by the folder they come from, not by the name
-    d = common.load_reid_dataset(data[dataset], extra_train=[str(aug)], check_sizes=False)
+    d = util.load_reid_dataset(data[dataset], extra_train=[str(aug)], check_sizes=False)
     assert d["extra"] == {str(aug / n) for n, _, _ in parsed}
     summary = (run / "results" / "summary.md").read_text()
     assert "| (I) no augmentation |" in summary and "| (VI) both = Diff-ID |" in summary
@@ -200,11 +200,11 @@ def test_market_folder_names_are_recognised(tmp_path):
     for split in ("query", "bounding_box_test"):
         os.makedirs(tmp_path / "Market-1501-v15.09.15" / split)
     for split in ("bounding_box_train", "query", "bounding_box_test"):
-        common.save_image(str(tmp_path / "Market-1501-v15.09.15" / split / "0002_c1s1_000451_03.jpg"),
+        util.save_image(str(tmp_path / "Market-1501-v15.09.15" / split / "0002_c1s1_000451_03.jpg"),
                           np.zeros((8, 4, 3), np.uint8))
-    with pytest.raises(common.UserError, match="looks incomplete.*expected 751"):  # the official archive's name
-        common.load_reid_dataset(str(tmp_path / "Market-1501-v15.09.15"))
+    with pytest.raises(util.UserError, match="looks incomplete.*expected 751"):  # the official archive's name
+        util.load_reid_dataset(str(tmp_path / "Market-1501-v15.09.15"))
     os.rename(tmp_path / "Market-1501-v15.09.15", tmp_path / "data")
-    common.load_reid_dataset(str(tmp_path / "data"))  # a neutral name: no check unless asked for ...
-    with pytest.raises(common.UserError, match="expected 702"):  # ... by name (04/05 --dataset)
-        common.load_reid_dataset(str(tmp_path / "data"), name="dukemtmc")
+    util.load_reid_dataset(str(tmp_path / "data"))  # a neutral name: no check unless asked for ...
+    with pytest.raises(util.UserError, match="expected 702"):  # ... by name (04/05 --dataset)
+        util.load_reid_dataset(str(tmp_path / "data"), name="dukemtmc")

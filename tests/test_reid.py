@@ -14,6 +14,7 @@ from PIL import Image
 
 from stages import ROOT, load_stage  # noqa: E402  (puts the repository root on sys.path)
 import common  # noqa: E402
+import util  # noqa: E402
 import models  # noqa: E402
 
 train04 = load_stage("04_train_reid.py")
@@ -45,7 +46,7 @@ def make_market(root, n_ids=8, per_cam=3, cams=(1, 2), test_ids=6, separable=Fal
     def write(folder, pid, cam):
         nonlocal n
         n += 1
-        common.save_image(os.path.join(root, folder, f"{pid:04d}_c{cam}s1_{n:06d}_00.jpg"), image(pid))
+        util.save_image(os.path.join(root, folder, f"{pid:04d}_c{cam}s1_{n:06d}_00.jpg"), image(pid))
 
     for pid in range(1, n_ids + 1):
         for cam in cams:
@@ -65,21 +66,21 @@ def make_market(root, n_ids=8, per_cam=3, cams=(1, 2), test_ids=6, separable=Fal
 # data sets
 
 def test_parse_name_uses_basename_only():
-    assert common.parse_name("/data/run1_c2/0002_c1s1_000451_03.jpg") == (2, 0)
-    assert common.parse_name("0001_c8_f0046182.jpg") == (1, 7)
-    assert common.parse_name("-1_c3s1_000001_00.jpg") == (-1, 2)
-    with pytest.raises(common.UserError, match="holiday.jpg"):
-        common.parse_name("/x/0001_c1/holiday.jpg")
-    with pytest.raises(common.UserError, match="1-2_c1s1_000001_00.jpg"):  # toolkits' [-\d]+ would take "1-2"
-        common.parse_name("1-2_c1s1_000001_00.jpg")
+    assert util.parse_name("/data/run1_c2/0002_c1s1_000451_03.jpg") == (2, 0)
+    assert util.parse_name("0001_c8_f0046182.jpg") == (1, 7)
+    assert util.parse_name("-1_c3s1_000001_00.jpg") == (-1, 2)
+    with pytest.raises(util.UserError, match="holiday.jpg"):
+        util.parse_name("/x/0001_c1/holiday.jpg")
+    with pytest.raises(util.UserError, match="1-2_c1s1_000001_00.jpg"):  # toolkits' [-\d]+ would take "1-2"
+        util.parse_name("1-2_c1s1_000001_00.jpg")
     # a generated image: the source's pid and camera, sequence 0
-    assert common.generated_name(7, 4, 30012) == "0007_c5s0_030012_00.jpg"
-    assert common.parse_name(common.generated_name(7, 4, 30012)) == (7, 4)
+    assert util.generated_name(7, 4, 30012) == "0007_c5s0_030012_00.jpg"
+    assert util.parse_name(util.generated_name(7, 4, 30012)) == (7, 4)
 
 
 def test_bad_name_in_a_split_is_one_line(tmp_path):
     root = make_market(tmp_path / "data")
-    common.save_image(str(root / "bounding_box_train" / "1-2_c1s1_000001_00.jpg"), np.zeros((8, 4, 3), np.uint8))
+    util.save_image(str(root / "bounding_box_train" / "1-2_c1s1_000001_00.jpg"), np.zeros((8, 4, 3), np.uint8))
     r = run("04_train_reid.py", "--data-root", root, "--out", tmp_path / "o", "--no-size-check", check=False)
     assert r.returncode == 2 and "1-2_c1s1_000001_00.jpg" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -87,8 +88,8 @@ def test_bad_name_in_a_split_is_one_line(tmp_path):
 def test_dataset_relabel_junk_distractor_and_extra(tmp_path):
     root = make_market(tmp_path / "m", n_ids=3, per_cam=1)
     extra = tmp_path / "aug" / "bounding_box_train"
-    common.save_image(str(extra / "0002_c9s1_000001_00.jpg"), np.zeros((8, 4, 3), np.uint8))
-    d = common.load_reid_dataset(str(root), extra_train=[str(extra)])
+    util.save_image(str(extra / "0002_c9s1_000001_00.jpg"), np.zeros((8, 4, 3), np.uint8))
+    d = util.load_reid_dataset(str(root), extra_train=[str(extra)])
     assert d["num_classes"] == 3
     assert sorted({lab for _, lab, _ in d["train"]}) == [0, 1, 2]
     assert [lab for p, lab, cam in d["train"] if "c9" in p] == [1]  # pid 2 -> label 1, under its source pid
@@ -101,22 +102,22 @@ def test_extra_count_takes_nested_subsets(tmp_path):
     root = make_market(tmp_path / "m", n_ids=3, per_cam=1)
     extra = tmp_path / "aug" / "bounding_box_train"
     for i in range(20):
-        common.save_image(str(extra / f"{1 + i % 3:04d}_c9s1_{i:06d}_00.jpg"), np.zeros((8, 4, 3), np.uint8))
-    n_real = len(common.load_reid_dataset(str(root))["train"])
+        util.save_image(str(extra / f"{1 + i % 3:04d}_c9s1_{i:06d}_00.jpg"), np.zeros((8, 4, 3), np.uint8))
+    n_real = len(util.load_reid_dataset(str(root))["train"])
     picked = {}
     for n in (0, 5, 12, 20):
-        d = common.load_reid_dataset(str(root), extra_train=[str(extra)], extra_count=n)
+        d = util.load_reid_dataset(str(root), extra_train=[str(extra)], extra_count=n)
         picked[n] = {p for p, _, _ in d["train"] if "_c9s1_" in p}
         assert len(d["train"]) == n_real + n and len(picked[n]) == n
     assert picked[0] < picked[5] < picked[12] < picked[20]  # smaller counts are subsets of larger ones
-    with pytest.raises(common.UserError, match="only 20"):
-        common.load_reid_dataset(str(root), extra_train=[str(extra)], extra_count=21)
+    with pytest.raises(util.UserError, match="only 20"):
+        util.load_reid_dataset(str(root), extra_train=[str(extra)], extra_count=21)
 
 
 def test_dataset_size_check_names_folder(tmp_path):
     root = make_market(tmp_path / "market1501", n_ids=3, per_cam=1)
-    with pytest.raises(common.UserError, match="market1501.*expected 751"):
-        common.load_reid_dataset(str(root))
+    with pytest.raises(util.UserError, match="market1501.*expected 751"):
+        util.load_reid_dataset(str(root))
 
 
 # -----------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def test_imagenet_weights_unavailable_is_one_clear_error(monkeypatch):
     def offline(*a, **k):
         raise OSError("no network")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(common.UserError, match="--backbone-weights PATH"):
+    with pytest.raises(util.UserError, match="--backbone-weights PATH"):
         models.build_reid_model("resnet18", 3, "imagenet")
 
 
@@ -361,7 +362,7 @@ def test_slim_resnet_widths_and_reload(tmp_path):
     n = lambda net: sum(p.numel() for p in net.backbone.parameters())
     assert 1 / 20 < n(m) / n(full) < 1 / 12
     assert models.build_reid_model("resnet50", 5, width_mult=0.5).feat_dim == 1024  # 256 x 4 (bottleneck)
-    with pytest.raises(common.UserError, match="width-mult"):
+    with pytest.raises(util.UserError, match="width-mult"):
         models.build_reid_model("shufflenet_v2_x0_5", 5, width_mult=0.5)
     root = make_market(tmp_path / "data")  # 04 stores the multiplier; 05 rebuilds the slim network from model.pt
     out = tmp_path / "slim"
@@ -373,7 +374,7 @@ def test_slim_resnet_widths_and_reload(tmp_path):
 def test_preloaded_images_equal_decoded_ones(tmp_path):
     import torchvision.transforms as T
     root = make_market(tmp_path / "data", n_ids=2, per_cam=2)
-    items = common.load_reid_dataset(str(root), check_sizes=False)["train"]
+    items = util.load_reid_dataset(str(root), check_sizes=False)["train"]
     size = (24, 12)  # a real resize (the images are 32x16)
     pil = models.ImageDataset(items, T.Compose([T.Resize(size), T.ToTensor()]))
     mem = models.ImageDataset(items, T.ConvertImageDtype(torch.float), preload=size)
@@ -396,7 +397,7 @@ def test_extra_per_id_training_run(tmp_path):
     root = make_market(tmp_path / "data")
     extra = tmp_path / "aug" / "bounding_box_train"
     for i in range(16):
-        common.save_image(str(extra / f"{1 + i % 8:04d}_c1s0_{i:06d}_00.jpg"), np.full((32, 16, 3), 40 * (i % 6), np.uint8))
+        util.save_image(str(extra / f"{1 + i % 8:04d}_c1s0_{i:06d}_00.jpg"), np.full((32, 16, 3), 40 * (i % 6), np.uint8))
     out = tmp_path / "mix"
     run("04_train_reid.py", "--data-root", root, "--extra-train", extra, "--out", out, "--iters", 3, "--log-every", 1,
         "--extra-per-id", 2, "--extra-label-smoothing", 0.1, "--extra-weight", 0.5, "--extra-triplet", "real", "--preload", *TINY)
@@ -445,12 +446,12 @@ def test_label_noise_moves_labels_keeps_counts(tmp_path):
     src = tmp_path / "oracle" / "bounding_box_train"
     src.mkdir(parents=True)
     for k, pid in enumerate([1, 1, 2, 2, 3, 3]):
-        Image.new("RGB", (16, 32), (40 * pid, 0, 0)).save(src / common.generated_name(pid, 0, k))
+        Image.new("RGB", (16, 32), (40 * pid, 0, 0)).save(src / util.generated_name(pid, 0, k))
     run("demo/label_noise.py", "--src", tmp_path / "oracle", "--keep", 0, "--out", tmp_path / "noisy", "--seed", 1)
     rows = list(csv.DictReader(open(tmp_path / "noisy" / "labels.csv")))
     for r in rows:  # each image still shows its true person (the red level) under its new label
         path = tmp_path / "noisy" / "bounding_box_train" / r["file"]
-        assert common.parse_name(r["file"])[0] == int(r["label"])
+        assert util.parse_name(r["file"])[0] == int(r["label"])
         assert abs(int(np.asarray(Image.open(path))[0, 0, 0]) - 40 * int(r["pid"])) <= 3  # (JPEG)
     assert sorted(int(r["label"]) for r in rows) == [1, 1, 2, 2, 3, 3]
     r = run("demo/label_noise.py", "--src", tmp_path / "oracle", "--keep", 0, "--out", tmp_path / "noisy", check=False)
@@ -461,17 +462,17 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     res = tmp_path / "results"
     for variant, split, seed, m in [("base", "same", 0, 0.50), ("base", "same", 1, 0.60), ("base", "shifted", 0, 0.2),
                                     ("vi", "same", 0, 0.55), ("vi_n600", "same", 0, 0.4), ("vi_n50", "same", 0, 0.3)]:
-        common.save_json(str(res / f"{variant}_s{seed}_{split}.json"),
+        util.save_json(str(res / f"{variant}_s{seed}_{split}.json"),
                          dict(name=f"{variant}_s{seed}_{split}", variant=variant, seed=seed, split=split, mAP=m, R1=m + 0.1))
     (tmp_path / "stage_times.csv").write_text("stage,seconds\n")
-    common.save_json(str(res / "fidelity.json"), dict(images=1200, psnr_foreground=15.754, mask_iou=0.348,
+    util.save_json(str(res / "fidelity.json"), dict(images=1200, psnr_foreground=15.754, mask_iou=0.348,
                      identity_gain_psnr_foreground=dict(mean=0.234, ci95=[0.11, 0.351]), control_pose_shuffled=dict(mask_iou=0.2681)))
     (res / "stage_times.csv").write_text("stage,seconds\nworld,10\nreid,3\nreid,4\n")
-    common.save_json(str(res / "identity.json"), dict(identities=120, chance=1 / 120, generated=dict(images=1200, agreement=0.25),
+    util.save_json(str(res / "identity.json"), dict(identities=120, chance=1 / 120, generated=dict(images=1200, agreement=0.25),
                      oracle=dict(images=1200, agreement=0.5), generated_vs_oracle=0.5))
-    common.save_json(str(res / "fidelity_v.json"), dict(images=1200, psnr_foreground=14.0, mask_iou=0.3,
+    util.save_json(str(res / "fidelity_v.json"), dict(images=1200, psnr_foreground=14.0, mask_iou=0.3,
                      identity_gain_psnr_foreground=dict(mean=0.125, ci95=[-0.05, 0.3]), control_pose_shuffled=dict(mask_iou=0.26)))
-    common.save_json(str(res / "identity_v.json"), dict(identities=120, chance=1 / 120, generated=dict(
+    util.save_json(str(res / "identity_v.json"), dict(identities=120, chance=1 / 120, generated=dict(
         images=1200, agreement=0.0125, wrong_ids=50, wrong_top5=0.624, spread_vs_real=0.6449)))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\nrest\n")
@@ -490,7 +491,7 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     assert "1,200 images; the images that lose it land on 50 identities, 62% of them on 5, feature spread 0.64" in text
     assert "(120 identities).\n" in text  # identity.json without the collapse numbers: no clause
     # too few jobs for the controls (the smoke run): the line says n/a instead of failing
-    common.save_json(str(res / "fidelity.json"), dict(images=2, psnr_foreground=None, mask_iou=0.5,
+    util.save_json(str(res / "fidelity.json"), dict(images=2, psnr_foreground=None, mask_iou=0.5,
                      identity_gain_psnr_foreground=dict(mean=None, ci95=None), control_pose_shuffled=dict(mask_iou=None)))
     run("tools/summarize.py", res)
     assert "person PSNR n/a dB, n/a dB (95% CI n/a .. n/a)" in (res / "summary.md").read_text()

@@ -12,7 +12,7 @@ import pytest
 
 from stages import ROOT, load_stage  # noqa: E402  (puts the repository root on sys.path)
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
-import common  # noqa: E402
+import util  # noqa: E402
 import body  # noqa: E402
 
 from demo.world import World  # noqa: E402
@@ -297,10 +297,10 @@ def test_world_layout_and_determinism(world, tmp_path):
     names = lambda d: sorted(os.listdir(d))
     train = names(world / "bounding_box_train")
     assert len(train) == 3 * 3 * 2 and train[0] == "0001_c1s1_000001_00.jpg"
-    assert all(common.parse_name(n)[0] in (1, 2, 3) for n in train)
+    assert all(util.parse_name(n)[0] in (1, 2, 3) for n in train)
     for split in ("query", "bounding_box_test", "shifted/query", "shifted/bounding_box_test"):
-        assert {common.parse_name(n)[0] for n in names(world / split)} == {4, 5}
-    d = common.load_reid_dataset(str(world))
+        assert {util.parse_name(n)[0] for n in names(world / split)} == {4, 5}
+    d = util.load_reid_dataset(str(world))
     assert d["num_classes"] == 3
     sc = np.load(world / "smpl" / "bounding_box_train.npz")
     assert list(sc["names"]) == train and sc["body_pose"].shape == (18, 69) and sc["K"].shape == (18, 3, 3)
@@ -332,7 +332,7 @@ def test_conditions_align_with_world_images(world, tmp_path, smpl):
     try:
         sc = body.load_params(str(world / "smpl" / "bounding_box_train.npz"))
         for i in range(0, 18, 5):
-            pid = common.parse_name(str(sc["names"][i]))[0]
+            pid = util.parse_name(str(sc["names"][i]))[0]
             ident = dict(w.ids[pid], backpack=None)  # the maps show the body only
             _, mask, _ = w.render(ident, sc["global_orient"][i], sc["body_pose"][i], 0, 0, "c1", (128, 64), 0,
                                   camera=(sc["K"][i].astype(float), sc["R"][i].astype(float), sc["t"][i].astype(float)))
@@ -364,7 +364,7 @@ def test_oracle_and_figures(world, tmp_path):
     c = body.load_conditions(str(tg / "maps"), "t00002")
     m2 = (c["depth"][0] > 0).numpy()
     assert (mask & m2).sum() / (mask | m2).sum() > 0.6
-    d = common.load_reid_dataset(str(world), extra_train=[str(tmp_path / "o" / "bounding_box_train")])
+    d = util.load_reid_dataset(str(world), extra_train=[str(tmp_path / "o" / "bounding_box_train")])
     assert len(d["extra"]) == 2 and d["extra"] <= {p for p, _, _ in d["train"]}  # told apart by folder
     p = run("--data", str(world), "--targets", str(tg), "--out", str(tmp_path / "f"), script=FIGURES)
     assert p.returncode == 0, p.stderr

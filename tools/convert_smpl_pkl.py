@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import common
+import util
 
 KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table", "f")
 
@@ -63,20 +63,20 @@ def to_array(v):
 
 def convert(src, dst):
     if not os.path.exists(src):
-        raise common.UserError(f"SMPL pickle '{src}' not found: download SMPL from https://smpl.is.tue.mpg.de")
+        raise util.UserError(f"SMPL pickle '{src}' not found: download SMPL from https://smpl.is.tue.mpg.de")
     try:
         with open(src, "rb") as f:
             d = Unpickler(f, encoding="latin1").load()
     except Exception as e:
-        raise common.UserError(f"cannot read '{src}' as an SMPL pickle ({type(e).__name__}: {str(e)[:80]})")
+        raise util.UserError(f"cannot read '{src}' as an SMPL pickle ({type(e).__name__}: {str(e)[:80]})")
     if not isinstance(d, dict) or any(k not in d for k in KEYS):
-        raise common.UserError(f"'{src}' is not an SMPL model pickle: expected keys {list(KEYS)}")
+        raise util.UserError(f"'{src}' is not an SMPL model pickle: expected keys {list(KEYS)}")
     out = {k: to_array(d[k]) for k in KEYS}
     out["kintree_table"] = out["kintree_table"].astype(np.int64)
     out["f"] = out["f"].astype(np.int32)
     for k in ("v_template", "shapedirs", "posedirs", "J_regressor", "weights"):
         out[k] = out[k].astype(np.float32)
-    common.atomic_write(dst, lambda tmp: np.savez_compressed(tmp, **out), suffix=".npz")
+    util.atomic_write(dst, lambda tmp: np.savez_compressed(tmp, **out), suffix=".npz")
     return out
 
 
@@ -91,4 +91,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import common  # noqa: E402
+import util  # noqa: E402
 from body import load_params, cond_path  # noqa: E402
 
 def make_figures(args):
@@ -36,7 +36,7 @@ def make_figures(args):
     fig.suptitle("viewpoint distribution (elevation x azimuth)")
     fig.tight_layout()
     p1 = os.path.join(args.out, "fig3_viewpoints.png")
-    common.atomic_write(p1, lambda tmp: fig.savefig(tmp, dpi=100))
+    util.atomic_write(p1, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
     # t-SNE on the 69-d body pose, subsampled so that it runs in seconds
@@ -56,7 +56,7 @@ def make_figures(args):
     fig.suptitle("t-SNE of SMPL body poses")
     fig.tight_layout()
     p2 = os.path.join(args.out, "fig3_tsne_poses.png")
-    common.atomic_write(p2, lambda tmp: fig.savefig(tmp, dpi=100))
+    util.atomic_write(p2, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
     wrote = [p1, p2] + sample_sheets(args)
     print(f"read {smpl_file} and {args.targets}/params.npz; wrote {', '.join(wrote)} "
@@ -80,7 +80,7 @@ def sample_sheets(args):
     if rows:
         w = min(r.shape[1] for r in rows)
         p = os.path.join(args.out, "sheet_world.png")
-        common.save_image(p, np.concatenate([r[:, :w] for r in rows], 0))
+        util.save_image(p, np.concatenate([r[:, :w] for r in rows], 0))
         out.append(p)
     cols = []
     cdir = os.path.join(args.conditions, args.split) if args.conditions else None
@@ -105,7 +105,7 @@ def sample_sheets(args):
         cols.append(np.concatenate([np.zeros_like(maps[0])] + maps, 0) if tile else np.concatenate(maps, 0))
     if cols:
         p = os.path.join(args.out, "sheet_conditions.png")
-        common.save_image(p, np.concatenate(cols, 1))
+        util.save_image(p, np.concatenate(cols, 1))
         out.append(p)
     return out
 
@@ -123,4 +123,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

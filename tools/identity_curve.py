@@ -22,7 +22,7 @@ import argparse
 import subprocess
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import common  # noqa: E402
+import util  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(cmd):
     print("$ python " + " ".join(cmd), flush=True)
     if subprocess.call([sys.executable] + cmd, cwd=ROOT) != 0:
-        raise common.UserError(f"'{cmd[0]}' failed (see above); rerun to resume")
+        raise util.UserError(f"'{cmd[0]}' failed (see above); rerun to resume")
 
 
 def measure(gen, out, run_dir, args):
@@ -47,7 +47,7 @@ def measure(gen, out, run_dir, args):
         run(["tools/identity_score.py", "--model", os.path.join(run_dir, "reid", "base_s0", "model.pt"),
              "--data-root", world, "--generated", os.path.join(out, "generated"), "--oracle", os.path.join(out, "oracle"),
              "--out", ident])
-    fid, idn = (common.load_json(os.path.join(out, f)) for f in ("fidelity.json", "identity.json"))
+    fid, idn = (util.load_json(os.path.join(out, f)) for f in ("fidelity.json", "identity.json"))
     g = fid["identity_gain_psnr_foreground"]
     return dict(identity_generated=idn["generated"]["agreement"], identity_oracle=idn["oracle"]["agreement"],
                 chance=idn["chance"], person_psnr_gain=g["mean"], gain_lo=g["ci95"][0], gain_hi=g["ci95"][1],
@@ -64,23 +64,23 @@ def main():
     ap.add_argument("--targets-per-ref", type=int, default=2, help="jobs per train identity (one reference each)")
     args = ap.parse_args()
     if not os.path.isfile(os.path.join(args.run, "reid", "base_s0", "model.pt")):
-        raise common.UserError(f"'{args.run}' has no reid/base_s0/model.pt: run 'bash run_all.sh demo' first")
+        raise util.UserError(f"'{args.run}' has no reid/base_s0/model.pt: run 'bash run_all.sh demo' first")
     snaps = sorted(d for d in os.listdir(args.snapshots) if d.startswith("step_")) if os.path.isdir(args.snapshots) else []
     if not snaps:
-        raise common.UserError(f"no step_N/ snapshots in '{args.snapshots}' (demo/pretrain.py writes them)")
+        raise util.UserError(f"no step_N/ snapshots in '{args.snapshots}' (demo/pretrain.py writes them)")
     rows = [dict(name=s, step=int(s[5:]), **measure(os.path.join(args.snapshots, s), os.path.join(args.work, s), args.run, args))
             for s in snaps]
     for p in args.point:
         label, _, gen = p.partition("=")
         if not gen:
-            raise common.UserError(f"--point '{p}' is not LABEL=GENERATOR")
+            raise util.UserError(f"--point '{p}' is not LABEL=GENERATOR")
         rows.append(dict(name=label, step=-1, **measure(gen, os.path.join(args.work, label.replace(" ", "_").replace("/", "_")),
                                                         args.run, args)))
     text = io.StringIO()
     w = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    common.save_text(os.path.join(args.work, "curve.csv"), text.getvalue())
+    util.save_text(os.path.join(args.work, "curve.csv"), text.getvalue())
 
     import matplotlib
     matplotlib.use("Agg")
@@ -105,9 +105,9 @@ def main():
     a.legend(fontsize=8)
     b.legend(fontsize=8)
     fig.tight_layout()
-    common.atomic_write(args.out, lambda tmp: fig.savefig(tmp, dpi=90))
+    util.atomic_write(args.out, lambda tmp: fig.savefig(tmp, dpi=90))
     print(f"read {len(rows)} generators; wrote {os.path.join(args.work, 'curve.csv')} and {args.out}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import common  # noqa: E402
+import util  # noqa: E402
 import models  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, ckpt = models.load_reid_model(args.model, device)
-    train = common.list_split(os.path.join(args.data_root, common.SPLIT_DIRS["train"]))
+    train = util.list_split(os.path.join(args.data_root, util.SPLIT_DIRS["train"]))
     feats = lambda items: models.extract_features(model, items, device, ckpt["height"], ckpt["width"],
                                                   workers=args.workers).numpy()
     tf, tl = feats(train), np.array([pid for _, pid, _ in train])
@@ -67,18 +67,18 @@ def main():
             continue
         man = os.path.join(folder, "manifest.csv")
         if not os.path.isfile(man):
-            raise common.UserError(f"'{folder}' has no manifest.csv (03_generate.py or demo/oracle.py writes it)")
+            raise util.UserError(f"'{folder}' has no manifest.csv (03_generate.py or demo/oracle.py writes it)")
         with open(man, newline="") as f:
             rows = [r for r in csv.DictReader(f) if os.path.isfile(os.path.join(folder, r["file"]))]
         items = [(os.path.join(folder, r["file"]), int(r["pid"]), 0) for r in rows]
         if not items:
-            raise common.UserError(f"none of the images listed in '{man}' exists")
+            raise util.UserError(f"none of the images listed in '{man}' exists")
         f, labels = feats(items), np.array([pid for _, pid, _ in items])
         assigned = nearest_centroid(tf, tl, f)
         res[name] = dict(images=len(items), agreement=float(np.mean(assigned == labels)), **collapse(tf, f, assigned, labels))
     if "oracle" in res:
         res["generated_vs_oracle"] = res["generated"]["agreement"] / max(res["oracle"]["agreement"], 1e-12)
-    common.save_json(args.out, res)
+    util.save_json(args.out, res)
     line = f"identity kept (nearest train centroid = source id, by the row-(I) model): generated " \
            f"{100 * res['generated']['agreement']:.1f}%"
     if "oracle" in res:
@@ -92,4 +92,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

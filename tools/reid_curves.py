@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+import util  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--run", required=True, help="a demo run folder of run_all.sh (world/, augmented/oracle/)")
@@ -38,7 +38,7 @@ p.add_argument("reid_args", nargs=argparse.REMAINDER, help="-- then 04_train_rei
 def stage(script, *args):
     r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True)
     if r.returncode:
-        raise common.UserError(f"{script} failed ({r.returncode}): {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}")
+        raise util.UserError(f"{script} failed ({r.returncode}): {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}")
     return r
 
 
@@ -65,7 +65,7 @@ def plot(points, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    common.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), suffix=".png")
+    util.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), suffix=".png")
 
 
 def table(points):
@@ -90,11 +90,11 @@ def main():
     args = p.parse_args()
     reid = args.reid_args[1:] if args.reid_args[:1] == ["--"] else args.reid_args
     if "--iters" in reid:
-        raise common.UserError("leave --iters out of 04's arguments: the curve's points set the iterations")
+        raise util.UserError("leave --iters out of 04's arguments: the curve's points set the iterations")
     world, oracle = os.path.join(args.run, "world"), os.path.join(args.run, "augmented", "oracle", "bounding_box_train")
     for path in (world, oracle):
         if not os.path.isdir(path):
-            raise common.UserError(f"'{path}' not found: run 'bash run_all.sh demo' first (it renders the ORACLE row)")
+            raise util.UserError(f"'{path}' not found: run 'bash run_all.sh demo' first (it renders the ORACLE row)")
     work = args.work or os.path.join(args.run, "curves")
     csv_path = os.path.splitext(args.out)[0] + ".csv"
     fields = ["row", "seed", "iters", "split", "mAP", "R1"]
@@ -120,13 +120,13 @@ def main():
                 points.append(dict(row=row, seed=seed, iters=it, split=split, mAP=round(100 * r["mAP"], 2),
                                    R1=round(100 * r["R1"], 2)))
                 print(f"[{k + 1}/{len(runs)}] {row} seed {seed}, {it} iterations, {split}: mAP {points[-1]['mAP']:.1f}", flush=True)
-            common.save_text(csv_path, ",".join(fields) + "\n" + "".join(",".join(str(r[f]) for f in fields) + "\n" for r in points))
+            util.save_text(csv_path, ",".join(fields) + "\n" + "".join(",".join(str(r[f]) for f in fields) + "\n" for r in points))
     plot(points, args.out)
     md = os.path.splitext(args.out)[0] + ".md"
-    common.save_text(md, table(points))
+    util.save_text(md, table(points))
     print(table(points))
     print(f"wrote {csv_path} ({len(points)} points), {md} and {args.out}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    util.run_main(main)

@@ -1,0 +1,180 @@
+"""
+Plumbing every stage needs, apart from the paper's method (common.py): one-line errors for bad
+input, atomic writes, Market-1501 / DukeMTMC file names and Re-ID data sets.
+"""
+import os
+import re
+import sys
+import glob
+import json
+import time
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+
+class UserError(Exception):
+    """Bad input that the user can fix. Stage scripts turn it into one line + exit 2."""
+
+
+def run_main(main):
+    """Call main(); a UserError becomes one clear line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def atomic_write(path, write_fn, suffix=None):
+    """Write a file via a temp file in the same folder + rename, so an interrupted run never
+    leaves a truncated file. write_fn(tmp_path) does the writing; suffix keeps the extension
+    for writers that look at it (PIL, np.savez)."""
+    path = str(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    suffix = suffix if suffix is not None else os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=suffix)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def remove_stale_temps(folder, age_s=600):
+    """Delete the temp files and folders (.tmp_*) that a killed run left in `folder`; a live
+    writer's are younger than age_s."""
+    for tmp in glob.glob(os.path.join(folder, ".tmp_*")):
+        if time.time() - os.path.getmtime(tmp) > age_s:
+            shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.remove(tmp)
+
+
+def save_text(path, text):
+    """Unchanged text keeps the file and its mtime, so a rerun does not make later stages look stale."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+
+    def w(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, w)
+
+
+def save_json(path, obj):
+    save_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_image(path, img):
+    """img: PIL image or HxW / HxWx3 uint8 array. Format from the extension."""
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img)
+    atomic_write(path, lambda tmp: img.save(tmp, quality=95) if path.lower().endswith((".jpg", ".jpeg"))
+                 else img.save(tmp))
+
+
+def save_npz(path, **arrays):
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+
+# Market-1501: PPPP_cCsS_FFFFFF_NN.jpg, DukeMTMC-reID: PPPP_cC_fFFFFFFF.jpg. Both parse with one
+# regex applied to the BASENAME only (a parent folder like "run1_c2" must not match).
+# Generated images (03_generate.py, demo/oracle.py) are named PPPP_cCs0_RRTTTT_00.jpg: the source
+# image's pid and REAL camera (toolkits such as torchreid, fast-reid and the BoT baseline assert
+# the camera range), sequence 0, which no real Market image has. What marks them as generated for
+# our own code is the folder they come from (--extra-train), never the name.
+
+NAME_RE = re.compile(r"^(-?\d+)_c(\d)")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+# name -> (train ids, train images, query images, gallery images, number of cameras)
+EXPECTED = {"market1501": (751, 12936, 3368, 15913, 6), "dukemtmc": (702, 16522, 2228, 17661, 8)}
+SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
+GENERATED_SEQUENCE = 0  # the sequence field of generated Market-style names
+
+
+def generated_name(pid, camid, slot):
+    """Market-1501 name of a generated image: source pid, source camera (0-based camid), sequence
+    0, `slot` a unique number of up to 6 digits (03: reference slot x 10,000 + target row)."""
+    return f"{pid:04d}_c{camid + 1}s{GENERATED_SEQUENCE}_{slot:06d}_00.jpg"
+
+
+def parse_name(path):
+    """Basename -> (pid, 0-based camid). Raises UserError naming the file if it does not parse."""
+    m = NAME_RE.match(os.path.basename(path))
+    if m is None:
+        raise UserError(f"cannot parse person id and camera from file name '{path}': expected "
+                        f"Market-1501 (0002_c1s1_000451_03.jpg) or DukeMTMC (0001_c2_f0046182.jpg) names")
+    return int(m.group(1)), int(m.group(2)) - 1
+
+
+def list_split(folder, junk=True):
+    """Sorted [(path, pid, camid)] of one split folder. junk=True drops pid -1 (Market's junk
+    images); pid 0 (distractors) stays: it is a valid gallery id that never matches a query."""
+    if not os.path.isdir(folder):
+        raise UserError(f"split folder '{folder}' is missing: a Market-1501-layout data set needs "
+                        f"bounding_box_train/, query/ and bounding_box_test/")
+    paths = sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.lower().endswith(IMAGE_EXTS))
+    if not paths:
+        raise UserError(f"split folder '{folder}' has no images (*.jpg, *.png)")
+    items = [(p, *parse_name(p)) for p in paths]
+    return [it for it in items if not (junk and it[1] == -1)]
+
+
+def load_reid_dataset(root, test_root=None, extra_train=(), extra_count=None, name=None, check_sizes=True):
+    """Returns dict(train=[(path, label, camid)], query=[(path, pid, camid)], gallery=[...],
+    num_classes, extra=set of the train paths that came from extra_train). Train pids are relabelled 0..C-1 over the sorted integer pids (so labels do
+    not depend on the order of the files). extra_train: folders of generated images in the same
+    naming, merged into train under their source pid; extra_count: keep only this many of them,
+    a fixed random subset whose smaller counts are prefixes of larger ones (the paper's Table 2
+    draws growing numbers from one generated pool). test_root: where query/ and
+    bounding_box_test/ live, if not under root (the demo world's shifted test split). name:
+    'market1501' or 'dukemtmc' checks the official image counts; default: recognised from the
+    folder name (market1501*, Market-1501-v15.09.15, DukeMTMC-reID, ...)."""
+    if not os.path.isdir(root):
+        raise UserError(f"data root '{root}' does not exist: pass the folder that holds "
+                        f"bounding_box_train/, query/ and bounding_box_test/")
+    test_root = test_root or root
+    train = list_split(os.path.join(root, SPLIT_DIRS["train"]))
+    query = list_split(os.path.join(test_root, SPLIT_DIRS["query"]))
+    gallery = list_split(os.path.join(test_root, SPLIT_DIRS["gallery"]))
+    folder = re.sub(r"[^a-z0-9]", "", os.path.basename(os.path.normpath(root)).lower())
+    name = name or next((k for k in EXPECTED if folder.startswith(k)), None)
+    if check_sizes and name in EXPECTED:
+        n_ids, n_train, n_query, n_gallery, _ = EXPECTED[name]
+        got = (len({p for _, p, _ in train}), len(train), len(query), len(gallery))
+        if got != (n_ids, n_train, n_query, n_gallery):
+            raise UserError(f"data set '{root}' looks incomplete: found {got[0]} train ids / {got[1]} train "
+                            f"images, {got[2]} query, {got[3]} gallery images; expected {n_ids} / {n_train}, "
+                            f"{n_query}, {n_gallery} (re-extract the archive, or pass --no-size-check for a subset)")
+    real_pids = {p for _, p, _ in train}
+    extra = []
+    for folder in extra_train:
+        items = list_split(folder)
+        unknown = sorted({p for _, p, _ in items} - real_pids)
+        if unknown:
+            raise UserError(f"extra train folder '{folder}' has person ids not in the train split "
+                            f"(e.g. {unknown[:5]}): generated images must keep their source pid")
+        extra += items
+    if extra_count is not None:
+        if extra_count > len(extra):
+            raise UserError(f"asked for {extra_count} generated images but {', '.join(extra_train)} hold only {len(extra)}")
+        extra = [extra[i] for i in sorted(np.random.default_rng(0).permutation(len(extra))[:extra_count])]
+    train = train + extra
+    pid2label = {pid: i for i, pid in enumerate(sorted(real_pids))}
+    train = [(p, pid2label[pid], cam) for p, pid, cam in train]
+    return dict(train=train, query=query, gallery=gallery, num_classes=len(pid2label),
+                extra={p for p, _, _ in extra})
