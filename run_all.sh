@@ -36,6 +36,7 @@ cd "$(dirname "$0")"
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit ${1:-2}; }
 [ $# -ge 1 ] || usage
 DATASET=$1; shift
+INVOCATION="run_all.sh $DATASET $*"  # names this run's rows in stage_times.csv (a folder may see several)
 case "$DATASET" in demo|market1501|dukemtmc) ;; -h|--help) usage 0 ;; *) echo "error: unknown data set '$DATASET' (demo, market1501 or dukemtmc)" >&2; exit 2 ;; esac
 SMOKE=0; TABLES=0; DRY=0; SIZECHECK=1
 DATA_ROOT=${DATA_ROOT:-}; PRETRAINED=${PRETRAINED:-}; IMAGE_ENCODER=${IMAGE_ENCODER:-}; SMPL_DIR=${SMPL_DIR:-}
@@ -101,7 +102,8 @@ RUN=${RUNS_DIR:-runs}/$DATASET$([ $SMOKE = 1 ] && echo -smoke || true)   # RUNS_
 TIMES=$RUN/results/stage_times.csv
 if [ $DRY = 0 ]; then
   mkdir -p "$RUN/results"
-  [ -f "$TIMES" ] || echo "stage,seconds" > "$TIMES"
+  [ -f "$TIMES" ] || echo "stage,seconds,run" > "$TIMES"
+  INVOCATION="${INVOCATION% } ($(date '+%Y-%m-%d %H:%M'))"; INVOCATION=${INVOCATION//,/ }
 else
   echo "# the stage commands of 'bash run_all.sh $DATASET', in order (run them in the repository root, in its venv:"
   echo "# source setup.sh; HF_HUB_OFFLINE=$HF_HUB_OFFLINE)"
@@ -114,7 +116,7 @@ stage() {  # [DONE_IF=OUT:IN] stage NAME SCRIPT ARGS...: run a stage script (unl
   echo "== $name: python $script $*"
   local t0=$SECONDS
   python "$script" "$@"
-  echo "$name,$((SECONDS - t0))" >> "$TIMES"
+  echo "$name,$((SECONDS - t0)),$INVOCATION" >> "$TIMES"
   echo "== $name: done in $((SECONDS - t0)) s"
 }
 

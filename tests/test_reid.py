@@ -495,7 +495,15 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
                      identity_gain_psnr_foreground=dict(mean=None, ci95=None), control_pose_shuffled=dict(mask_iou=None)))
     run("tools/summarize.py", res)
     assert "person PSNR n/a dB, n/a dB (95% CI n/a .. n/a)" in (res / "summary.md").read_text()
-    assert "| reid | 2 | 7 |" in text and "| all | 3 | 17 (0 min) |" in text
+    # stage times: an older file (no run column) gives one column; then one column per invocation
+    assert "| reid | 7 |" in text and "| all | 17 (0 min) |" in text
+    (res / "stage_times.csv").write_text("stage,seconds,run\nworld,10,run_all.sh demo (d1)\nreid,90,run_all.sh demo (d1)\n"
+                                         "world,2,run_all.sh demo --tables (d2)\nreid,3,run_all.sh demo --tables (d2)\n"
+                                         "reid,4,run_all.sh demo --tables (d2)\ngenerate ii,5,run_all.sh demo --tables (d2)\n")
+    run("tools/summarize.py", res)
+    times = (res / "summary.md").read_text()
+    assert "| stage (wall time, s) | `run_all.sh demo (d1)` | `run_all.sh demo --tables (d2)` |" in times
+    assert "| reid | 90 | 7 |" in times and "| generate ii |  | 5 |" in times and "| all | 100 (2 min) | 14 (0 min) |" in times
     # Table 2 rows follow Table 1's, by the number of generated images
     labels = [l.split(" | ")[0] for l in text.splitlines() if l.startswith("| (") or l.startswith("| Table 2")]
     assert labels == ["| (I) no augmentation", "| (VI) both = Diff-ID", "| Table 2: (VI) with 50 generated images",

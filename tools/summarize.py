@@ -3,7 +3,7 @@ The results tables: every <results>/<name>.json that 05_evaluate.py wrote, aggre
 markdown table (mean +- sample std over seeds, per Table 1/2 row and test split; the gain over row
 (I) paired by seed), with the generator checks (demo/fidelity.py's fidelity.json, tools/
 identity_score.py's identity.json; fidelity_v.json and identity_v.json for row (V)'s generator) and
-the stage times of run_all.sh (stage_times.csv) when present. Writes <results>/summary.md; with
+the stage times of run_all.sh (stage_times.csv, a column per invocation) when present. Writes <results>/summary.md; with
 --readme it also replaces the README's results block.
 
   python tools/summarize.py runs/demo/results [--readme README.md]
@@ -107,15 +107,22 @@ def summarize(results_dir, readme=None):
                   f"split), on the same jobs: person PSNR {gain(g)}; identity kept for "
                   f"{100 * d['generated']['agreement']:.1f}% of {d['generated']['images']:,} images{lost(d['generated'])}.\n")
     times = os.path.join(results_dir, "stage_times.csv")
-    if os.path.exists(times):
+    if os.path.exists(times):  # one column per run_all.sh invocation (a resumed or --tables run adds one)
         import csv
-        total, count = {}, {}
-        for r in csv.DictReader(open(times)):
-            total[r["stage"]] = total.get(r["stage"], 0) + int(r["seconds"])
-            count[r["stage"]] = count.get(r["stage"], 0) + 1
-        table += ("\n| stage | runs | wall time (s) |\n|---|---|---|\n"
-                  + "".join(f"| {k} | {count[k]} | {v:,} |\n" for k, v in total.items())
-                  + f"| all | {sum(count.values())} | {sum(total.values()):,} ({sum(total.values()) / 60:.0f} min) |\n")
+        with open(times, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        runs, secs = {}, {}  # {run: None} keeps their order; {(stage, run): seconds}
+        for r in rows:
+            stage, run = r[0], (r[2] if len(r) > 2 else "")  # older files have no run column
+            runs[run] = None
+            secs[stage, run] = secs.get((stage, run), 0) + int(r[1])
+        stages = list(dict.fromkeys(r[0] for r in rows))
+        head = [f"`{r}`" if r else "wall time" for r in runs]
+        table += ("\n| stage (wall time, s) | " + " | ".join(head) + " |\n|---" + "|---" * len(runs) + "|\n"
+                  + "".join(f"| {st} | " + " | ".join(f"{secs[st, r]:,}" if (st, r) in secs else "" for r in runs) + " |\n"
+                            for st in stages)
+                  + "| all | " + " | ".join(f"{t:,} ({t / 60:.0f} min)" for t in
+                                           (sum(v for (_, r2), v in secs.items() if r2 == r) for r in runs)) + " |\n")
     util.save_text(os.path.join(results_dir, "summary.md"), table)
     print(table)
     print(f"wrote {os.path.join(results_dir, 'summary.md')}")
