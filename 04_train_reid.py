@@ -220,7 +220,7 @@ def main():
     # -------------------------------------------------------------------------
     # model, optimizer, resume
     model = models.build_reid_model(args.arch, data["num_classes"], args.backbone_weights, args.bnneck,
-                                    args.width_mult).to(device)
+                                    args.width_mult).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam([
         dict(params=model.backbone.parameters(), lr=args.lr),
         dict(params=[q for q in [*model.neck.parameters(), *model.classifier.parameters()] if q.requires_grad],
@@ -289,7 +289,9 @@ def main():
         factor *= args.gamma ** sum(it >= m for m in args.lr_steps)
         for g, lr in zip(optimizer.param_groups, base_lrs):
             g["lr"] = lr * factor
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # channels-last (NHWC) images and weights: oneDNN's and cuDNN's faster convolutions (a third
+        # less time per iteration for the demo's ResNet18 on one CPU thread, docs/reid.md)
+        x, y = x.to(device, non_blocking=True, memory_format=torch.channels_last), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             feat, logits = ddp_model(x)
         feat, logits = feat.float(), logits.float()

@@ -384,7 +384,7 @@ def extract_features(model, items, device, height, width, batch_size=128, worker
     feats = []
     with torch.no_grad():
         for x, _, _ in tqdm(loader, desc="features", leave=False, mininterval=1.0):
-            x = x.to(device)
+            x = x.to(device, memory_format=torch.channels_last)  # (as 04 trains)
             f = model(x)[0]
             if flip:
                 f = (f + model(x.flip(3))[0]) / 2
@@ -400,4 +400,4 @@ def load_reid_model(path, device="cpu"):
     model = build_reid_model(ckpt["arch"], ckpt["num_classes"], bnneck=ckpt.get("bnneck", False),
                              width_mult=ckpt.get("width_mult", 1.0))
     model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval(), ckpt
+    return model.to(device, memory_format=torch.channels_last).eval(), ckpt
