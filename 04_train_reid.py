@@ -225,7 +225,7 @@ def main():
         dict(params=model.backbone.parameters(), lr=args.lr),
         dict(params=[q for q in [*model.neck.parameters(), *model.classifier.parameters()] if q.requires_grad],
              lr=args.lr_classifier),
-    ], weight_decay=args.weight_decay)
+    ], weight_decay=args.weight_decay, fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     log_path = os.path.join(args.out, "log.csv")
     start = 0
