@@ -465,8 +465,8 @@ def main():
     if args.gradient_checkpointing:
         gen.reference_unet.enable_gradient_checkpointing()
         gen.denoising_unet.enable_gradient_checkpointing()
-    # channels-last (NHWC) weights and maps: oneDNN's and cuDNN's faster convolutions (the demo's
-    # fine-tuning step measured ~15% faster on 2 CPU cores, docs/generator.md)
+    # channels-last (NHWC) weights and maps: oneDNN's and cuDNN's faster convolutions (the same
+    # results; tools/bench_memory_format.py times both layouts)
     gen.to(device, memory_format=torch.channels_last).train()
     vae.to(device)
     enc.to(device)

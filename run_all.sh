@@ -289,7 +289,7 @@ if [ "$JOBS" -gt 1 ] && [ $DRY = 0 ]; then
   done
   wait
   [ ! -f "$FAILED" ] || { echo "error: $(wc -l < "$FAILED") Re-ID run(s) failed (listed in $FAILED); rerun to resume" >&2; exit 1; }
-  echo "reid + evaluate ($JOBS at a time),$((SECONDS - t0))" >> "$TIMES"
+  echo "reid + evaluate ($JOBS at a time),$((SECONDS - t0)),$INVOCATION" >> "$TIMES"
 else
   for v in $ROWS; do for seed in $SEEDS; do reid $v $seed; done; done
 fi

@@ -56,7 +56,15 @@ def test_run_all_demo_smoke(tmp_path):
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     logs = [(run / "reid" / f"{v}_s0.log").read_text() for v in ("base", "vi")]  # the CPU demo's Re-ID runs log to files
     assert all("is already trained to iteration" in t and "== evaluate: python" not in t for t in logs), logs
-    assert (run / "results" / "summary.md").read_text().split("| stage |")[0] == summary.split("| stage |")[0]
+    summary2 = (run / "results" / "summary.md").read_text()
+    assert summary2.split("| stage (wall time")[0] == summary.split("| stage (wall time")[0]
+    # stage times: every line names its invocation, so the summary has a column for each of the two
+    times = list(csv.reader(open(run / "results" / "stage_times.csv")))
+    assert times[0] == ["stage", "seconds", "run"] and all(len(t) == 3 for t in times), times
+    runs = list(dict.fromkeys(t[2].split(" (")[0] for t in times[1:]))  # in order of first appearance
+    assert runs == ["run_all.sh demo --smoke --tables", "run_all.sh demo --smoke"], times
+    head = [l for l in summary2.splitlines() if l.startswith("| stage (wall time")][0]
+    assert "`run_all.sh demo --smoke --tables (" in head and "`run_all.sh demo --smoke (" in head, head
 
 
 def test_missing_demo_generator_is_one_line(tmp_path):
