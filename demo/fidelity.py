@@ -138,7 +138,7 @@ def fidelity(argv=None):
         by_tgt.setdefault(r["target_id"], []).append(r)
     m = {k: [] for k in ("psnr", "psnr_fg", "ssim", "mask_iou", "shuf_psnr", "shuf_psnr_fg", "shuf_iou",
                          "other_psnr", "other_psnr_fg", "other_iou", "gain_pose_iou", "gain_id_psnr_fg",
-                         "colour_gen", "colour_ora")}
+                         "colour_gen", "colour_ora", "gain_id_psnr_overlap", "overlap_share")}
     for r in tqdm(have, desc="fidelity"):
         f = r["file"]
         m["psnr"].append(psnr(gen[f], ora[f]))
@@ -161,6 +161,12 @@ def fidelity(argv=None):
             m["other_psnr_fg"].append(psnr(gen[f], ora[q], omask[q]))
             m["other_iou"].append(iou(gmask[f], omask[q]))
             m["gain_id_psnr_fg"].append(m["psnr_fg"][-1] - m["other_psnr_fg"][-1])
+            # the same gain only where the generated image and both oracles show a person: what is
+            # left when the silhouettes' misalignment (mask IoU) is taken out
+            both = gmask[f] & omask[f] & omask[q]
+            if both.sum() >= 20:
+                m["gain_id_psnr_overlap"].append(psnr(gen[f], ora[f], both) - psnr(gen[f], ora[q], both))
+                m["overlap_share"].append(float(both.sum() / max(omask[f].sum(), 1)))
     mean = lambda v: float(np.mean(v)) if v else None
     # paired gains over the controls with a 95% interval: "clearly above" means the interval excludes 0
     ci = lambda v: [float(np.mean(v) - 1.96 * np.std(v) / np.sqrt(len(v))), float(np.mean(v) + 1.96 * np.std(v) / np.sqrt(len(v)))] if len(v) > 1 else None
@@ -173,6 +179,8 @@ def fidelity(argv=None):
                oracle_masks="files" if os.path.isdir(masks_dir) else "estimated",
                pose_gain_mask_iou=dict(mean=mean(m["gain_pose_iou"]), ci95=ci(m["gain_pose_iou"])),
                identity_gain_psnr_foreground=dict(mean=mean(m["gain_id_psnr_fg"]), ci95=ci(m["gain_id_psnr_fg"])),
+               identity_gain_psnr_overlap=dict(mean=mean(m["gain_id_psnr_overlap"]), ci95=ci(m["gain_id_psnr_overlap"]),
+                                               share_of_person=mean(m["overlap_share"]), n=len(m["overlap_share"])),
                colourfulness=dict(generated=mean(m["colour_gen"]), oracle=mean(m["colour_ora"])))
     if args.generator:
         pick = [r["file"] for r in have[::max(1, len(have) // args.ceiling_images)][:args.ceiling_images]]
@@ -195,7 +203,8 @@ def fidelity(argv=None):
         print(f"  the generator's VAE alone (oracle encoded + decoded, {v['n']} images): person PSNR "
               f"{fmt(v['psnr_foreground'])} dB, colourfulness {fmt(v['colourfulness'])}")
     for name, key in (("follows the pose: mask IoU - pose-shuffled", "pose_gain_mask_iou"),
-                      ("keeps the identity: person PSNR - other identity", "identity_gain_psnr_foreground")):
+                      ("keeps the identity: person PSNR - other identity", "identity_gain_psnr_foreground"),
+                      ("the same where the generated image and both oracles show a person", "identity_gain_psnr_overlap")):
         g = res[key]
         if g["ci95"]:
             print(f"  {name}: {g['mean']:+.4f} (95% CI {g['ci95'][0]:+.4f} .. {g['ci95'][1]:+.4f})")

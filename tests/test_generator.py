@@ -469,6 +469,10 @@ def test_fidelity_metrics_and_controls(world, tmp_path):
     assert res["control_pose_shuffled"]["mask_iou"] < res["mask_iou"]
     assert res["control_other_identity"]["psnr"] < res["psnr"]
     assert res["control_other_identity"]["psnr_foreground"] < res["psnr_foreground"]
+    # where both show a person: the generated images ARE their oracles (100 dB) and another identity's
+    # colours differ there, so the gain is large; the overlap is the (exact, file) masks' intersection
+    ov = res["identity_gain_psnr_overlap"]
+    assert ov["n"] == 6 and ov["mean"] > 50 and 0.5 < ov["share_of_person"] <= 1.0, ov
     assert os.path.isfile(gdir / "fidelity.json")
     # the contact sheet: reference | 3 x (skeleton | generated | oracle) | one empty slot, per source
     from PIL import Image
