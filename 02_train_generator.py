@@ -228,7 +228,7 @@ class PairData(torch.utils.data.Dataset):
         tgt, ref = self.pair(k)
         (tp, tc, ts), (rp, _, _) = self.items[tgt], self.items[ref]
         if self.maps is not None:  # (the PNGs hold 8 bits: the same floats as load_conditions gives)
-            conds = {k: v[tgt].float() / 255 for k, v in self.maps.items()}
+            conds = {kind: v[tgt].float() / 255 for kind, v in self.maps.items()}
         else:
             conds = body.load_conditions(tc, ts, self.size)
         if self.cached:  # the training loop looks the images' encodings up by index
@@ -466,7 +466,7 @@ def main():
         gen.reference_unet.enable_gradient_checkpointing()
         gen.denoising_unet.enable_gradient_checkpointing()
     # channels-last (NHWC) weights and maps: oneDNN's and cuDNN's faster convolutions (the same
-    # results; tools/bench_memory_format.py times both layouts)
+    # function; tools/bench_memory_format.py times both layouts)
     gen.to(device, memory_format=torch.channels_last).train()
     vae.to(device)
     enc.to(device)

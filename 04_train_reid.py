@@ -290,7 +290,7 @@ def main():
         for g, lr in zip(optimizer.param_groups, base_lrs):
             g["lr"] = lr * factor
         # channels-last (NHWC) images and weights: oneDNN's and cuDNN's faster convolutions (the same
-        # results; tools/bench_memory_format.py times both layouts)
+        # function; tools/bench_memory_format.py times both layouts)
         x, y = x.to(device, non_blocking=True, memory_format=torch.channels_last), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             feat, logits = ddp_model(x)
