@@ -108,6 +108,7 @@ else
   echo "# the stage commands of 'bash run_all.sh $DATASET', in order (run them in the repository root, in its venv:"
   echo "# source setup.sh; HF_HUB_OFFLINE=$HF_HUB_OFFLINE)"
 fi
+record_time() { echo "$1,$2,$INVOCATION" >> "$TIMES"; }  # record_time NAME SECONDS: one line of $TIMES
 stage() {  # [DONE_IF=OUT:IN] stage NAME SCRIPT ARGS...: run a stage script (unless OUT is newer than IN), time it
   local name=$1 script=$2; shift 2
   if [ $DRY = 1 ]; then printf 'python %s' "$script"; printf ' %q' "$@"; echo; return; fi
@@ -116,7 +117,7 @@ stage() {  # [DONE_IF=OUT:IN] stage NAME SCRIPT ARGS...: run a stage script (unl
   echo "== $name: python $script $*"
   local t0=$SECONDS
   python "$script" "$@"
-  echo "$name,$((SECONDS - t0)),$INVOCATION" >> "$TIMES"
+  record_time "$name" $((SECONDS - t0))
   echo "== $name: done in $((SECONDS - t0)) s"
 }
 
@@ -289,7 +290,7 @@ if [ "$JOBS" -gt 1 ] && [ $DRY = 0 ]; then
   done
   wait
   [ ! -f "$FAILED" ] || { echo "error: $(wc -l < "$FAILED") Re-ID run(s) failed (listed in $FAILED); rerun to resume" >&2; exit 1; }
-  echo "reid + evaluate ($JOBS at a time),$((SECONDS - t0)),$INVOCATION" >> "$TIMES"
+  record_time "reid + evaluate ($JOBS at a time)" $((SECONDS - t0))
 else
   for v in $ROWS; do for seed in $SEEDS; do reid $v $seed; done; done
 fi

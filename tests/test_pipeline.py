@@ -59,10 +59,10 @@ def test_run_all_demo_smoke(tmp_path):
     summary2 = (run / "results" / "summary.md").read_text()
     assert summary2.split("| stage (wall time")[0] == summary.split("| stage (wall time")[0]
     # stage times: every line names its invocation, so the summary has a column for each of the two
-    times = list(csv.reader(open(run / "results" / "stage_times.csv")))
-    assert times[0] == ["stage", "seconds", "run"] and all(len(t) == 3 for t in times), times
-    runs = list(dict.fromkeys(t[2].split(" (")[0] for t in times[1:]))  # in order of first appearance
-    assert runs == ["run_all.sh demo --smoke --tables", "run_all.sh demo --smoke"], times
+    lines = list(csv.reader(open(run / "results" / "stage_times.csv")))
+    assert lines[0] == ["stage", "seconds", "run"] and all(len(t) == 3 for t in lines), lines
+    runs = list(dict.fromkeys(t[2].split(" (")[0] for t in lines[1:]))  # in order of first appearance
+    assert runs == ["run_all.sh demo --smoke --tables", "run_all.sh demo --smoke"], lines
     head = [l for l in summary2.splitlines() if l.startswith("| stage (wall time")][0]
     assert "`run_all.sh demo --smoke --tables (" in head and "`run_all.sh demo --smoke (" in head, head
 
