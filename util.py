@@ -10,6 +10,7 @@ import json
 import time
 import shutil
 import tempfile
+import subprocess
 
 import numpy as np
 from PIL import Image
@@ -20,12 +21,24 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Call main(); a UserError becomes one clear line on stderr and exit status 2."""
+    """Call main(); a UserError becomes one clear line on stderr and exit status 2. A reader that
+    stops early (`| head`) ends the output quietly instead of with a BrokenPipeError traceback."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        sys.exit(1)
+
+
+def run_script(cmd, cwd):
+    """Run one of the project's Python scripts (cmd = [script, args...]) in cwd, its output streaming
+    through; a failure becomes a UserError (the script has already said what went wrong)."""
+    print("$ python " + " ".join(cmd), flush=True)
+    if subprocess.call([sys.executable] + cmd, cwd=cwd) != 0:
+        raise UserError(f"'{cmd[0]}' failed (see above); fix what it reported and rerun: finished steps are kept")
 
 
 def atomic_write(path, write_fn, suffix=None):

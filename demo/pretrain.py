@@ -40,11 +40,8 @@ def run(name, cmd, log, log_path):
     """Run one stage script, its output streaming through; stop with its exit code on failure.
     log[name] keeps the command and the seconds of every call (a resumed step's calls add up),
     saved to log_path after each call."""
-    print("$ python " + " ".join(cmd), flush=True)
     t0 = time.time()
-    rc = subprocess.call([sys.executable] + cmd, cwd=ROOT)
-    if rc != 0:
-        raise util.UserError(f"'{cmd[0]}' failed (exit {rc}); fix what it reported and rerun: finished steps are kept")
+    util.run_script(cmd, ROOT)
     prev = log.get(name, {}).get("seconds", 0.0)
     log[name] = dict(command="python " + " ".join(cmd), seconds=round(prev + time.time() - t0, 1))
     util.save_json(log_path, log)

@@ -508,6 +508,9 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     labels = [l.split(" | ")[0] for l in text.splitlines() if l.startswith("| (") or l.startswith("| Table 2")]
     assert labels == ["| (I) no augmentation", "| (VI) both = Diff-ID", "| Table 2: (VI) with 50 generated images",
                       "| Table 2: (VI) with 600 generated images"]
+    # a reader that has gone before the table is printed (| true exits at once): no BrokenPipeError traceback
+    p = subprocess.run(f"'{sys.executable}' tools/summarize.py '{res}' | true", shell=True, cwd=ROOT, capture_output=True, text=True)
+    assert p.stderr == "", p.stderr
 
 
 def test_reid_curves_table_pairs_by_seed():

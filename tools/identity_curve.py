@@ -4,7 +4,8 @@ demo/pretrain.py exported (<work>/snapshots/step_N/) renders a fixed subset of (
 demo world, straight from pretraining (no fine-tuning: the people are new to it); then the same
 checks as run_all.sh: the row-(I) Re-ID model's identity score (tools/identity_score.py) and the
 person PSNR against the oracle renders over the other-identity control (demo/fidelity.py).
-Further generators (e.g. the fine-tuned one, or row (V)'s from scratch) join as labelled points.
+Further generators (e.g. the fine-tuned one, or row (V)'s from scratch) join as labelled points;
+without --snapshots the points alone are scored and plotted.
 
   python tools/identity_curve.py --snapshots ~/diffid-runs/pretrain/snapshots --run runs/demo \\
       --point "fine-tuned (run_all)=runs/demo/generator" --point "(V) from scratch=runs/demo/generator_v" \\
@@ -19,7 +20,6 @@ import sys
 import io
 import csv
 import argparse
-import subprocess
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import util  # noqa: E402
@@ -27,26 +27,20 @@ import util  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(cmd):
-    print("$ python " + " ".join(cmd), flush=True)
-    if subprocess.call([sys.executable] + cmd, cwd=ROOT) != 0:
-        raise util.UserError(f"'{cmd[0]}' failed (see above); rerun to resume")
-
-
 def measure(gen, out, run_dir, args):
     """Generate the job subset with one generator and score it -> dict of the curve's numbers."""
     ident = os.path.join(out, "identity.json")
     if not os.path.isfile(ident):
         world, targets = os.path.join(run_dir, "world"), os.path.join(run_dir, "targets", "vi")
-        run(["03_generate.py", "--generator", gen, "--data", world, "--targets", targets, "--out", os.path.join(out, "generated"),
-             "--refs-per-pid", "1", "--targets-per-ref", str(args.targets_per_ref), "--seed", "1"])
-        run(["demo/oracle.py", "--manifest", os.path.join(out, "generated", "manifest.csv"), "--targets", targets,
-             "--world", world, "--out", os.path.join(out, "oracle")])
-        run(["demo/fidelity.py", "--generated", os.path.join(out, "generated"), "--oracle", os.path.join(out, "oracle"),
-             "--out", os.path.join(out, "fidelity.json")])
-        run(["tools/identity_score.py", "--model", os.path.join(run_dir, "reid", "base_s0", "model.pt"),
-             "--data-root", world, "--generated", os.path.join(out, "generated"), "--oracle", os.path.join(out, "oracle"),
-             "--out", ident])
+        generated, oracle = os.path.join(out, "generated"), os.path.join(out, "oracle")
+        for cmd in (["03_generate.py", "--generator", gen, "--data", world, "--targets", targets, "--out", generated,
+                     "--refs-per-pid", "1", "--targets-per-ref", str(args.targets_per_ref), "--seed", "1"],
+                    ["demo/oracle.py", "--manifest", os.path.join(generated, "manifest.csv"), "--targets", targets,
+                     "--world", world, "--out", oracle],
+                    ["demo/fidelity.py", "--generated", generated, "--oracle", oracle, "--out", os.path.join(out, "fidelity.json")],
+                    ["tools/identity_score.py", "--model", os.path.join(run_dir, "reid", "base_s0", "model.pt"),
+                     "--data-root", world, "--generated", generated, "--oracle", oracle, "--out", ident]):
+            util.run_script(cmd, ROOT)
     fid, idn = (util.load_json(os.path.join(out, f)) for f in ("fidelity.json", "identity.json"))
     g = fid["identity_gain_psnr_foreground"]
     return dict(identity_generated=idn["generated"]["agreement"], identity_oracle=idn["oracle"]["agreement"],
@@ -56,7 +50,7 @@ def measure(gen, out, run_dir, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--snapshots", required=True, help="demo/pretrain.py's <work>/snapshots (step_N/ folders)")
+    ap.add_argument("--snapshots", help="demo/pretrain.py's <work>/snapshots (step_N/ folders); without it only the --point generators")
     ap.add_argument("--run", required=True, help="a finished run_all.sh demo folder (runs/demo)")
     ap.add_argument("--point", action="append", default=[], metavar="LABEL=GENERATOR", help="another generator to score")
     ap.add_argument("--work", required=True, help="where the generated images and scores go")
@@ -65,9 +59,13 @@ def main():
     args = ap.parse_args()
     if not os.path.isfile(os.path.join(args.run, "reid", "base_s0", "model.pt")):
         raise util.UserError(f"'{args.run}' has no reid/base_s0/model.pt: run 'bash run_all.sh demo' first")
-    snaps = sorted(d for d in os.listdir(args.snapshots) if d.startswith("step_")) if os.path.isdir(args.snapshots) else []
-    if not snaps:
-        raise util.UserError(f"no step_N/ snapshots in '{args.snapshots}' (demo/pretrain.py writes them)")
+    if not args.snapshots and not args.point:
+        raise util.UserError("nothing to score: give --snapshots, --point LABEL=GENERATOR, or both")
+    snaps = []
+    if args.snapshots:
+        snaps = sorted(d for d in os.listdir(args.snapshots) if d.startswith("step_")) if os.path.isdir(args.snapshots) else []
+        if not snaps:
+            raise util.UserError(f"no step_N/ snapshots in '{args.snapshots}' (demo/pretrain.py writes them)")
     rows = [dict(name=s, step=int(s[5:]), **measure(os.path.join(args.snapshots, s), os.path.join(args.work, s), args.run, args))
             for s in snaps]
     for p in args.point:
@@ -86,22 +84,29 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     curve = [r for r in rows if r["step"] >= 0]
+    points = [r for r in rows if r["step"] < 0]
     steps = [r["step"] for r in curve]
+    # the points sit right of the curve; without snapshots, side by side with their labels as ticks
+    xs = [steps[-1] * (1.04 + 0.04 * i) if steps else i for i in range(len(points))]
+    every = steps + xs  # the oracle and chance are the same jobs' for every generator: lines across all
+    snap = "generated (pretrained snapshot)" if steps else None  # no legend entry without a curve
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot(steps, [100 * r["identity_generated"] for r in curve], "o-", label="generated (pretrained snapshot)")
-    a.plot(steps, [100 * r["identity_oracle"] for r in curve], "k--", label="oracle renders (ceiling)")
-    a.plot(steps, [100 * r["chance"] for r in curve], ":", color="grey", label="chance")
-    b.plot(steps, [r["person_psnr_gain"] for r in curve], "o-", label="generated (pretrained snapshot)")
+    a.plot(steps, [100 * r["identity_generated"] for r in curve], "o-", label=snap)
+    a.plot(every, [100 * r["identity_oracle"] for r in curve + points], "k--", label="oracle renders (ceiling)")
+    a.plot(every, [100 * r["chance"] for r in curve + points], ":", color="grey", label="chance")
+    b.plot(steps, [r["person_psnr_gain"] for r in curve], "o-", label=snap)
     b.fill_between(steps, [r["gain_lo"] for r in curve], [r["gain_hi"] for r in curve], alpha=0.2)
     b.axhline(0, color="grey", lw=0.5)
-    for i, r in enumerate(r for r in rows if r["step"] < 0):
-        x = steps[-1] * (1.04 + 0.04 * i)
+    for x, r in zip(xs, points):
         a.plot([x], [100 * r["identity_generated"]], "s", label=r["name"])
         b.errorbar([x], [r["person_psnr_gain"]], yerr=[[r["person_psnr_gain"] - r["gain_lo"]], [r["gain_hi"] - r["person_psnr_gain"]]],
                    fmt="s", label=r["name"])
-    a.set(xlabel="pretraining steps (batch 16)", ylabel="identity score (%)",
-          title=f"nearest train centroid = source id ({curve[-1]['images']} jobs)")
-    b.set(xlabel="pretraining steps (batch 16)", ylabel="dB", title="person PSNR over the other-identity control (95% CI)")
+    xlabel = "pretraining steps (batch 16)" if steps else "generator"
+    a.set(xlabel=xlabel, ylabel="identity score (%)", title=f"nearest train centroid = source id ({rows[-1]['images']} jobs)")
+    b.set(xlabel=xlabel, ylabel="dB", title="person PSNR over the other-identity control (95% CI)")
+    if not steps:
+        for ax in (a, b):
+            ax.set_xticks(xs, [r["name"] for r in points], fontsize=7)
     a.legend(fontsize=8)
     b.legend(fontsize=8)
     fig.tight_layout()
