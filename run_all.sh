@@ -164,8 +164,8 @@ if [ "$DATASET" = demo ]; then
     REID=(--arch resnet18 --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 16 --K 4
           --iters 2400 --lr-steps 1800 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload --workers 0)
     SEEDS=${SEEDS:-0 1 2}
-    # measured stage times (README): the plain run ~41 min on an idle 2-core machine, --tables ~80 min more
-    [ $DRY = 1 ] || echo "expected time: about $([ $TABLES = 1 ] && echo 120 || echo 40) minutes on a 2-core CPU (rerunning resumes)"
+    # measured stage times (README): the plain run ~41 min on an idle 2-core machine, --tables ~70 min more
+    [ $DRY = 1 ] || echo "expected time: about $([ $TABLES = 1 ] && echo 110 || echo 40) minutes on a 2-core CPU (rerunning resumes)"
   fi
   DATA_ROOT=$RUN/world
   SPLITS="same:$DATA_ROOT shifted:$DATA_ROOT/shifted"
