@@ -33,11 +33,12 @@ def run_main(main):
         sys.exit(1)
 
 
-def run_script(cmd, cwd):
-    """Run one of the project's Python scripts (cmd = [script, args...]) in cwd, its output streaming
-    through; a failure becomes a UserError (the script has already said what went wrong)."""
+def run_script(cmd):
+    """Run one of the project's Python scripts (cmd = [script path from the repository root, args...])
+    in the repository root (where this file is), its output streaming through; a failure becomes a
+    UserError (the script has already said what went wrong)."""
     print("$ python " + " ".join(cmd), flush=True)
-    if subprocess.call([sys.executable] + cmd, cwd=cwd) != 0:
+    if subprocess.call([sys.executable] + cmd, cwd=os.path.dirname(os.path.abspath(__file__))) != 0:
         raise UserError(f"'{cmd[0]}' failed (see above); fix what it reported and rerun: finished steps are kept")
 
 

@@ -37,11 +37,11 @@ EXPORT = ("args.json", "reference_unet", "denoising_unet", "guiders.safetensors"
 
 
 def run(name, cmd, log, log_path):
-    """Run one stage script, its output streaming through; stop with its exit code on failure.
+    """Run one stage script, its output streaming through; a failure stops with one error line.
     log[name] keeps the command and the seconds of every call (a resumed step's calls add up),
     saved to log_path after each call."""
     t0 = time.time()
-    util.run_script(cmd, ROOT)
+    util.run_script(cmd)
     prev = log.get(name, {}).get("seconds", 0.0)
     log[name] = dict(command="python " + " ".join(cmd), seconds=round(prev + time.time() - t0, 1))
     util.save_json(log_path, log)

@@ -24,8 +24,6 @@ import argparse
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import util  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def measure(gen, out, run_dir, args):
     """Generate the job subset with one generator and score it -> dict of the curve's numbers."""
@@ -40,7 +38,7 @@ def measure(gen, out, run_dir, args):
                     ["demo/fidelity.py", "--generated", generated, "--oracle", oracle, "--out", os.path.join(out, "fidelity.json")],
                     ["tools/identity_score.py", "--model", os.path.join(run_dir, "reid", "base_s0", "model.pt"),
                      "--data-root", world, "--generated", generated, "--oracle", oracle, "--out", ident]):
-            util.run_script(cmd, ROOT)
+            util.run_script(cmd)
     fid, idn = (util.load_json(os.path.join(out, f)) for f in ("fidelity.json", "identity.json"))
     g = fid["identity_gain_psnr_foreground"]
     return dict(identity_generated=idn["generated"]["agreement"], identity_oracle=idn["oracle"]["agreement"],
