@@ -16,6 +16,9 @@ import numpy as np
 from PIL import Image
 
 
+ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository root: the scripts' paths are relative to it
+
+
 class UserError(Exception):
     """Bad input that the user can fix. Stage scripts turn it into one line + exit 2."""
 
@@ -35,10 +38,10 @@ def run_main(main):
 
 def run_script(cmd):
     """Run one of the project's Python scripts (cmd = [script path from the repository root, args...])
-    in the repository root (where this file is), its output streaming through; a failure becomes a
-    UserError (the script has already said what went wrong)."""
+    in the repository root, its output streaming through; a failure becomes a UserError (the
+    script has already said what went wrong)."""
     print("$ python " + " ".join(cmd), flush=True)
-    if subprocess.call([sys.executable] + cmd, cwd=os.path.dirname(os.path.abspath(__file__))) != 0:
+    if subprocess.call([sys.executable] + cmd, cwd=ROOT) != 0:
         raise UserError(f"'{cmd[0]}' failed (see above); fix what it reported and rerun: finished steps are kept")
 
 

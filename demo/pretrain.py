@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import util  # noqa: E402
 import models  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what a generator folder needs (02 writes these; checkpoint.pt, log.csv and samples/ are training state)
 EXPORT = ("args.json", "reference_unet", "denoising_unet", "guiders.safetensors", "scheduler", "vae", "image_encoder")
 
@@ -117,7 +116,7 @@ def main():
         print(f"wrote snapshot '{snap}'")
 
     tmp = copy_generator(os.path.join(work, "snapshots", f"step_{args.steps:06d}"), args.out)
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=util.ROOT, capture_output=True, text=True).stdout.strip()
     with open(os.path.join(gen_dir, "log.csv")) as f:
         rows = list(f)[1:]
     prov = dict(what="the demo world's pretrained generator: 02_train_generator.py stage 1 from scratch on the "

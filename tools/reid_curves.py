@@ -22,8 +22,7 @@ import subprocess
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import util  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +35,7 @@ p.add_argument("reid_args", nargs=argparse.REMAINDER, help="-- then 04_train_rei
 
 
 def stage(script, *args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, os.path.join(util.ROOT, script), *map(str, args)], capture_output=True, text=True)
     if r.returncode:
         raise util.UserError(f"{script} failed ({r.returncode}): {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}")
     return r
