@@ -11,7 +11,7 @@ the VAE and the CLIP image encoder stay frozen.
       with maps <conditions>/<video_id>/<frame>.{depth,normal,skeleton}.png. A stage-2 run starts
       from a stage-1 folder with --init.
 
-Weights: --pretrained runwayml/stable-diffusion-v1-5 (or a local diffusers folder with unet/ vae/
+Weights: --pretrained stable-diffusion-v1-5/stable-diffusion-v1-5 (or a local diffusers folder with unet/ vae/
 [scheduler/]) + --image-encoder (CLIP vision with projection, e.g. lambdalabs/sd-image-variations-
 diffusers with --image-encoder-subfolder image_encoder), or --from-scratch: tiny configs for a CPU
 (a small AutoencoderKL trained on the training images first, a tiny frozen CLIP: random, or

@@ -138,7 +138,7 @@ def recover_folder(folder):
 def from_pretrained(cls, path_or_id, subfolder=None, what="weights"):
     """cls.from_pretrained(local folder or hub id) with one clear line for the usual mistakes
     (missing path, not a diffusers/transformers folder, hub unreachable) instead of a traceback.
-    The same call loads SD-1.5 ("runwayml/stable-diffusion-v1-5", subfolder "unet") and the
+    The same call loads SD-1.5 ("stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder "unet") and the
     folders 02 writes."""
     config_name = getattr(cls, "config_name", None) or "config.json"
     recover_folder(path_or_id)
@@ -149,7 +149,7 @@ def from_pretrained(cls, path_or_id, subfolder=None, what="weights"):
                             f"'{os.path.join(where, config_name)}' is missing")
     elif os.path.exists(path_or_id) or path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") != 1:
         raise UserError(f"{what} '{path_or_id}' does not exist (give a local folder or a hub id like "
-                        f"'runwayml/stable-diffusion-v1-5')")
+                        f"'stable-diffusion-v1-5/stable-diffusion-v1-5')")
     kw = {"subfolder": subfolder} if subfolder else {}
     if cls.__module__.startswith("diffusers.models"):
         from diffusers.utils import is_accelerate_available

@@ -3,7 +3,7 @@
 # runs/<dataset>/. Rerunning resumes: every stage skips or continues work that is done.
 #
 #   bash run_all.sh demo [--tables] [--smoke]   built-in synthetic world, CPU
-#   bash run_all.sh market1501 --data-root DIR --pretrained SD15 --image-encoder CLIP [--stage1-data DIR]
+#   bash run_all.sh market1501 --data-root DIR [--stage1-data DIR]   GPUs
 #   bash run_all.sh dukemtmc   ...
 #
 # Without --tables: Table 1 rows (I) no augmentation and (VI) Diff-ID, both with every seed.
@@ -15,8 +15,11 @@
 #   --tables              every row of Tables 1 and 2 (longer; it prints the expected time first)
 #   --data-root DIR       Market-1501 / DukeMTMC-reID folder [DATA_ROOT]
 #   --pretrained ID|DIR   Stable Diffusion 1.5 diffusers folder or hub id [PRETRAINED]
+#                         (default stable-diffusion-v1-5/stable-diffusion-v1-5; the older id
+#                         runwayml/stable-diffusion-v1-5 was deleted from the hub in 2024)
 #   --image-encoder ID|DIR  CLIP image encoder (CLIPVisionModelWithProjection; a repo whose
 #                         image_encoder/ holds it is found too) [IMAGE_ENCODER]
+#                         (default lambdalabs/sd-image-variations-diffusers, as the paper)
 #   --smpl DIR            per-image SMPL params of the training images (<split>.npz); default:
 #                         estimated here with 01b_estimate_smpl.py (ViTPose + fit) [SMPL_DIR]
 #   --vitpose ID|DIR      ViTPose checkpoint for that estimation [VITPOSE]
@@ -39,7 +42,9 @@ DATASET=$1; shift
 INVOCATION="run_all.sh $DATASET $*"  # names this run's rows in stage_times.csv (a folder may see several)
 case "$DATASET" in demo|market1501|dukemtmc) ;; -h|--help) usage 0 ;; *) echo "error: unknown data set '$DATASET' (demo, market1501 or dukemtmc)" >&2; exit 2 ;; esac
 SMOKE=0; TABLES=0; DRY=0; SIZECHECK=1
-DATA_ROOT=${DATA_ROOT:-}; PRETRAINED=${PRETRAINED:-}; IMAGE_ENCODER=${IMAGE_ENCODER:-}; SMPL_DIR=${SMPL_DIR:-}
+DATA_ROOT=${DATA_ROOT:-}; SMPL_DIR=${SMPL_DIR:-}
+PRETRAINED=${PRETRAINED:-stable-diffusion-v1-5/stable-diffusion-v1-5}
+IMAGE_ENCODER=${IMAGE_ENCODER:-lambdalabs/sd-image-variations-diffusers}
 VITPOSE=${VITPOSE:-usyd-community/vitpose-base-simple}; STAGE1_DATA=${STAGE1_DATA:-}; STAGE1_SMPL=${STAGE1_SMPL:-}
 SEEDS=${SEEDS:-}; DEVICE=${DEVICE:-}
 while [ $# -gt 0 ]; do
@@ -70,9 +75,6 @@ if [ "$DATASET" != demo ]; then
   need() { if [ -z "$2" ] || [ ! -e "$2" ]; then echo "error: $1 '${2:-<not given>}' not found: $3" >&2; missing=1; fi; }
   need "data set (--data-root)" "$DATA_ROOT" "download $DATASET (research use only) and pass the folder holding bounding_box_train/"
   [ -z "$SMPL_DIR" ] || need "SMPL params (--smpl)" "$SMPL_DIR" "leave --smpl out to estimate them here, or pass the --out folder of 01b_estimate_smpl.py"
-  for v in PRETRAINED IMAGE_ENCODER; do
-    if [ -z "${!v}" ]; then echo "error: --$(echo $v | tr A-Z_ a-z-) not given: a diffusers folder or hub id (SD-1.5: runwayml/stable-diffusion-v1-5; image encoder: lambdalabs/sd-image-variations-diffusers)" >&2; missing=1; fi
-  done
   if [ -n "$STAGE1_DATA" ]; then
     need "stage-1 videos (--stage1-data)" "$STAGE1_DATA" "pass a folder of <video_id>/<frame>.jpg"
     if [ -d "$STAGE1_DATA" ]; then
@@ -120,6 +122,14 @@ stage() {  # [DONE_IF=OUT:IN] stage NAME SCRIPT ARGS...: run a stage script (unl
   record_time "$name" $((SECONDS - t0))
   echo "== $name: done in $((SECONDS - t0)) s"
 }
+
+if [ "$DATASET" != demo ]; then  # every weight the run will load can be had: one line each if not, before any stage
+  WEIGHTS=(sd15="$PRETRAINED" image_encoder="$IMAGE_ENCODER")
+  { [ -n "$SMPL_DIR" ] && { [ -z "$STAGE1_DATA" ] || [ -n "$STAGE1_SMPL" ]; }; } || WEIGHTS+=(vitpose="$VITPOSE")
+  [ $SMOKE = 1 ] || WEIGHTS+=(resnet50="${RESNET_WEIGHTS:-imagenet}")
+  if [ $DRY = 1 ]; then printf 'python tools/check_weights.py'; printf ' %q' "${WEIGHTS[@]}"; echo
+  else python tools/check_weights.py "${WEIGHTS[@]}" || exit 2; fi
+fi
 
 # Table 1 rows: which poses and viewpoints each augmentation variant draws its targets from
 #   ii: in-distribution poses + train-like viewpoints   iii: out-of-distribution poses, train-like views

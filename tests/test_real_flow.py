@@ -28,6 +28,7 @@ SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the h
 OWN_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.001, beta_end=0.02, beta_schedule="linear",
                     prediction_type="epsilon", clip_sample=False, steps_offset=1)
 RUNS = {}  # (dataset, source) -> run folder, shared by the tests below
+SD15, ENCODER = "stable-diffusion-v1-5/stable-diffusion-v1-5", "lambdalabs/sd-image-variations-diffusers"  # the defaults
 
 
 def hub_repo(home, repo_id):
@@ -41,15 +42,14 @@ def hub_repo(home, repo_id):
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    """HF_HOME with tiny 'runwayml/stable-diffusion-v1-5' (unet/ vae/ scheduler/), an image encoder
-    repo with image_encoder/ (like lambdalabs/sd-image-variations-diffusers) and a COCO-17 ViTPose
-    under 01b's default id."""
+    """HF_HOME with tiny weights under run_all.sh's default ids: SD-1.5 (unet/ vae/ scheduler/), the
+    image-variations repo (image_encoder/) and a COCO-17 ViTPose under 01b's default id."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection, VitPoseBackboneConfig, VitPoseConfig,
                               VitPoseForPoseEstimation, VitPoseImageProcessor)
     home = str(tmp_path_factory.mktemp("hf"))
     torch.manual_seed(0)
-    sd = hub_repo(home, "tiny/stable-diffusion")
+    sd = hub_repo(home, SD15)
     UNet2DConditionModel(sample_size=(16, 8), layers_per_block=1, block_out_channels=(16, 32),
                          down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
                          cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8).save_pretrained(f"{sd}/unet")
@@ -57,7 +57,7 @@ def hub(tmp_path_factory):
                   up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
                   norm_num_groups=4, sample_size=64).save_pretrained(f"{sd}/vae")  # factor 8, like SD's
     DDPMScheduler.from_config(OWN_SCHEDULE).save_pretrained(f"{sd}/scheduler")
-    enc = hub_repo(home, "tiny/image-variations")
+    enc = hub_repo(home, ENCODER)
     CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                    num_attention_heads=2, image_size=16, patch_size=8,
                                                    projection_dim=16)).save_pretrained(f"{enc}/image_encoder")
@@ -100,9 +100,11 @@ def data(tmp_path_factory):
 
 
 def run_all(dataset, data, hub, runs, source, *extra):
-    sd, enc = ("tiny/stable-diffusion", "tiny/image-variations") if source == "hub" else (hub["sd"], hub["enc"])
-    args = ["bash", os.path.join(ROOT, "run_all.sh"), dataset, "--data-root", data[dataset], "--pretrained", sd,
-            "--image-encoder", enc, "--device", "cpu", "--smoke", "--no-size-check", *extra]
+    """source 'hub': the default ids (no --pretrained / --image-encoder), resolved in the cache;
+    'local': the same repos' folders, passed by path."""
+    weights = [] if source == "hub" else ["--pretrained", hub["sd"], "--image-encoder", hub["enc"]]
+    args = ["bash", os.path.join(ROOT, "run_all.sh"), dataset, "--data-root", data[dataset], *weights,
+            "--device", "cpu", "--smoke", "--no-size-check", *extra]
     return subprocess.run(args, capture_output=True, text=True, env=dict(env(hub), RUNS_DIR=str(runs)), cwd=ROOT)
 
 
@@ -139,11 +141,11 @@ def test_run_all_real_data_offline(dataset, source, data, hub, tmp_path):
     gargs = json.load(open(run / "generator" / "args.json"))
     if stage1:  # stage 1 on the videos from the pretrained weights, then stage 2 from stage 1
         s1 = json.load(open(run / "generator_stage1" / "args.json"))
-        assert s1["stage"] == 1 and s1["pretrained"] == "tiny/stable-diffusion" and s1["image_encoder_subfolder"] == "image_encoder"
+        assert s1["stage"] == 1 and s1["pretrained"] == SD15 and s1["image_encoder_subfolder"] == "image_encoder"
         assert os.path.isdir(run / "stage1" / "conditions" / "vidA") and gargs["init"].endswith("generator_stage1")
         assert "skipping the paper's stage 1" not in r.stdout
     else:
-        assert gargs["pretrained"] in ("tiny/stable-diffusion", hub["sd"]) and gargs["image_encoder_subfolder"] == "image_encoder"
+        assert gargs["pretrained"] in (SD15, hub["sd"]) and gargs["image_encoder_subfolder"] == "image_encoder"
         assert "skipping the paper's stage 1" in r.stdout
     # every generated name reads in the toolkits, under the source image's pid and camera
     aug = run / "augmented" / "vi" / "bounding_box_train"
@@ -166,7 +168,7 @@ def test_dry_run_commands_give_the_same_files(data, hub, tmp_path):
     r = run_all("market1501", data, hub, tmp_path, "local", "--dry-run")
     assert r.returncode == 0, r.stderr
     cmds = [l for l in r.stdout.splitlines() if l.startswith("python ")]
-    assert [c.split()[1] for c in cmds[:4]] == ["01b_estimate_smpl.py", "01b_estimate_smpl.py", "01_render_smpl.py",
+    assert [c.split()[1] for c in cmds[:5]] == ["tools/check_weights.py", "01b_estimate_smpl.py", "01b_estimate_smpl.py", "01_render_smpl.py",
                                                 "01_render_smpl.py"]
     assert not (tmp_path / "market1501-smoke").exists()  # a dry run writes nothing
     for c in cmds:  # a user copying the commands into a shell, one by one
@@ -193,6 +195,26 @@ def test_missing_inputs_one_line(data, hub, tmp_path):
     assert r.returncode == 2 and "stage-1 videos (--stage1-data)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_all("market1501", data, hub, tmp_path, "hub", "--stage1-data", data["videos"], "--stage1-smpl", str(tmp_path))
     assert r.returncode == 2 and "vidA.npz' not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_weights_one_line_each_before_any_stage(data, hub, tmp_path):
+    """A weight that cannot be had (here: a deleted id, and an encoder folder without weights) is
+    named in one line each, exit 2, before the first stage writes anything."""
+    os.makedirs(tmp_path / "enc" / "image_encoder")
+    shutil.copy(os.path.join(hub["enc"], "image_encoder", "config.json"), tmp_path / "enc" / "image_encoder")
+    args = ["bash", os.path.join(ROOT, "run_all.sh"), "market1501", "--data-root", data["market1501"], "--pretrained",
+            "gone/deleted-model", "--image-encoder", str(tmp_path / "enc"), "--smoke", "--no-size-check"]
+    r = subprocess.run(args, capture_output=True, text=True, env=dict(env(hub), RUNS_DIR=str(tmp_path / "runs")), cwd=ROOT)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 2, r.stdout + r.stderr
+    assert "--pretrained 'gone/deleted-model'" in err[0] and "local cache" in err[0]
+    assert "--image-encoder" in err[1] and "weights" in err[1]
+    assert "== " not in r.stdout and not glob.glob(str(tmp_path / "runs" / "*" / "smpl"))  # no stage ran
+    # the default ids as the cache holds them pass, and --smpl spares the ViTPose check
+    ok = subprocess.run([sys.executable, "tools/check_weights.py", f"sd15={SD15}", f"image_encoder={ENCODER}",
+                         "vitpose=usyd-community/vitpose-base-simple", "resnet50=none"],
+                        capture_output=True, text=True, env=env(hub), cwd=ROOT)
+    assert ok.returncode == 0 and ok.stdout.count("found") == 4, ok.stderr
 
 
 def test_market_folder_names_are_recognised(tmp_path):

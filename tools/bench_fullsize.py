@@ -2,7 +2,7 @@
 The generator at the paper's size, with random weights: SD-1.5's U-Net (x2: reference + denoising)
 and VAE configs, a CLIP ViT-L/14 vision encoder with a 768-d projection, pose guiders summing to
 320 channels. Saved as local diffusers / transformers folders (the layout of
-runwayml/stable-diffusion-v1-5 and lambdalabs/sd-image-variations-diffusers), loaded back through
+stable-diffusion-v1-5/stable-diffusion-v1-5 and lambdalabs/sd-image-variations-diffusers), loaded back through
 the same from_pretrained path as 02 --pretrained / --image-encoder, then:
   1. parameter counts, and the memory of a full 02 step computed from them (weights, gradients,
      AdamW state: fp32, and with 8-bit AdamW);
