@@ -9,6 +9,7 @@ import glob
 import json
 import time
 import shutil
+import argparse
 import tempfile
 import subprocess
 
@@ -34,6 +35,41 @@ def run_main(main):
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         sys.exit(1)
+
+
+# -----------------------------------------------------------------------------
+# the flags every stage shares: --data, --size WxH, --steps (optimiser) / --ddim-steps (sampling),
+# --workers, --save-every, --device auto
+
+def old_flag(p, old, new, **kw):
+    """Keep an old spelling of a renamed flag for one release: hidden from --help, and using it
+    says so in one line (kw: type=..., as the new flag has)."""
+    dest = new.lstrip("-").replace("-", "_")
+
+    class Note(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"note: {old} is now {new} (the old spelling goes in the next release)", file=sys.stderr)
+            setattr(namespace, dest, values)
+    p.add_argument(old, dest=dest, action=Note, help=argparse.SUPPRESS, **kw)
+
+
+def parse_size(text, flag="--size"):
+    """'WIDTHxHEIGHT' -> (height, width), both positive."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise UserError(f"{flag} '{text}' is not WIDTHxHEIGHT (e.g. 192x384)")
+    if w <= 0 or h <= 0:
+        raise UserError(f"{flag} '{text}': width and height must be positive")
+    return h, w
+
+
+def pick_device(name):
+    """--device auto -> cuda when there is one, else cpu; anything else as given."""
+    if name == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def run_script(cmd):
