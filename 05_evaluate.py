@@ -3,10 +3,11 @@ Stage 05: evaluate a trained Re-ID model with the Market-1501 protocol.
 
 Extracts features of the query and gallery images (optionally averaged with the flipped
 image), ranks the gallery by Euclidean distance and reports mAP, CMC rank-1/5/10 and mINP
-(common.evaluate_rank). Writes <results>/<name>.json and appends a row to <results>/results.md.
+(the protocol: common.evaluate_rank; computed by its vectorised twin evaluate_fast.evaluate_rank).
+Writes <results>/<name>.json and appends a row to <results>/results.md.
 
-  python 05_evaluate.py --model runs/demo/reid/base/model.pt --data-root runs/demo/world --name base
-  python 05_evaluate.py --model ... --data-root runs/demo/world --test-root runs/demo/world/shifted --name base_shifted
+  python 05_evaluate.py --model runs/demo/reid/base/model.pt --data runs/demo/world --name base
+  python 05_evaluate.py --model ... --data runs/demo/world --test-root runs/demo/world/shifted --name base_shifted
 
 Tables over models and seeds: tools/summarize.py; the evaluator's speed: tools/bench_evaluate.py.
 """
@@ -17,70 +18,76 @@ import argparse
 import numpy as np
 
 import common
+import evaluate_fast
 import util
 import models
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--model", required=True, help="model.pt written by 04_train_reid.py")
-p.add_argument("--data-root", required=True, help="Market-1501-layout folder")
-p.add_argument("--test-root", help="folder with query/ and bounding_box_test/ if not --data-root (demo: world/shifted)")
-p.add_argument("--no-size-check", action="store_true", help="skip the Market/Duke image-count sanity check")
-p.add_argument("--dataset", choices=["auto", "market1501", "dukemtmc"], default="auto", help="which official image "
-               "counts to check (auto: from the folder name, e.g. Market-1501-v15.09.15 or DukeMTMC-reID)")
-p.add_argument("--name", default=None, help="row name in the results table (default: the model's folder)")
-p.add_argument("--results", default=None, help="results folder (default: <model folder>/../../results)")
-p.add_argument("--flip", action="store_true", help="average features of the image and its mirror")
-p.add_argument("--batch-size", type=int, default=128)
-p.add_argument("--workers", type=int, default=2)
-p.add_argument("--max-rank", type=int, default=50)
-p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-p.add_argument("--variant", default=None, help="table row this model belongs to (default: --name)")
-p.add_argument("--seed", type=int, default=None, help="Re-ID seed of this model, for mean +- spread over seeds")
-p.add_argument("--split", default="same", help="test split label, e.g. same / shifted (demo world)")
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model.pt written by 04_train_reid.py")
+    required = p.add_mutually_exclusive_group(required=True)  # (a group: the old spelling counts as given too)
+    required.add_argument("--data", help="Market-1501-layout root the model was trained on")
+    util.old_flag(required, "--data-root", "--data")
+    p.add_argument("--test-root", help="folder with query/ and bounding_box_test/ if not --data (demo: world/shifted)")
+    p.add_argument("--no-size-check", action="store_true", help="skip the Market/Duke image-count sanity check")
+    p.add_argument("--dataset", choices=["auto", "market1501", "dukemtmc"], default="auto", help="which official image "
+                   "counts to check (auto: from the folder name, e.g. Market-1501-v15.09.15 or DukeMTMC-reID)")
+    p.add_argument("--name", default=None, help="row name in the results table (default: the model's folder)")
+    p.add_argument("--results", default=None, help="results folder (default: <model folder>/../../results)")
+    p.add_argument("--flip", action="store_true", help="average features of the image and its mirror")
+    p.add_argument("--batch-size", type=int, default=128, help="images per feature-extraction batch")
+    p.add_argument("--workers", type=int, default=2, help="image loader processes")
+    p.add_argument("--max-rank", type=int, default=50, help="longest CMC rank reported")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--variant", default=None, help="table row this model belongs to (default: --name)")
+    p.add_argument("--seed", type=int, default=None, help="Re-ID seed of this model, for mean +- spread over seeds")
+    p.add_argument("--split", default="same", help="test split label, e.g. same / shifted (demo world)")
+    return p.parse_args(argv)
 
 
-def main():
-    args = p.parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     import torch
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(util.pick_device(args.device))
     model, ckpt = models.load_reid_model(args.model, device)
 
-    data = util.load_reid_dataset(args.data_root, test_root=args.test_root, check_sizes=not args.no_size_check,
-                                    name=None if args.dataset == "auto" else args.dataset)
+    data = util.load_reid_dataset(args.data, test_root=args.test_root, check_sizes=not args.no_size_check,
+                                  name=None if args.dataset == "auto" else args.dataset)
     query, n_bad_q = models.check_images(data["query"], "query images")
     gallery, n_bad_g = models.check_images(data["gallery"], "gallery images")
-    test_root = args.test_root or args.data_root
+    test_root = args.test_root or args.data
     print(f"read {args.model} ({ckpt['arch']}, {ckpt['iterations']} iterations) and {test_root}: "
           f"{len(query)} query, {len(gallery)} gallery images"
           + (f"; skipped {n_bad_q + n_bad_g} unreadable" if n_bad_q + n_bad_g else ""))
     t0 = time.time()
     feats = lambda items: models.extract_features(model, items, device, ckpt["height"], ckpt["width"], args.batch_size,
                                                   args.workers, args.flip)
-    qf, gf = feats(query), feats(gallery)
-    distmat = torch.cat([common.pairwise_euclidean(q, gf) for q in qf.split(1024)]).numpy()
+    query_feats, gallery_feats = feats(query), feats(gallery)
+    distmat = torch.cat([common.pairwise_euclidean(q, gallery_feats) for q in query_feats.split(1024)]).numpy()
     ids = lambda items, k: np.array([it[k] for it in items])
-    r = common.evaluate_rank(distmat, ids(query, 1), ids(gallery, 1), ids(query, 2), ids(gallery, 2), args.max_rank)
+    scores = evaluate_fast.evaluate_rank(distmat, ids(query, 1), ids(gallery, 1), ids(query, 2), ids(gallery, 2), args.max_rank)
 
     name = args.name or os.path.basename(os.path.dirname(os.path.abspath(args.model)))
     results_dir = args.results or os.path.join(os.path.dirname(os.path.abspath(args.model)), "..", "..", "results")
     results_dir = os.path.normpath(results_dir)
-    cmc = r["cmc"]
-    row = dict(name=name, variant=args.variant or name, seed=args.seed, split=args.split, model=args.model, test_root=test_root, flip=args.flip, mAP=r["mAP"], mINP=r["mINP"],
+    cmc = scores["cmc"]
+    row = dict(name=name, variant=args.variant or name, seed=args.seed, split=args.split, model=args.model, test_root=test_root, flip=args.flip, mAP=scores["mAP"], mINP=scores["mINP"],
                R1=float(cmc[0]), R5=float(cmc[min(4, len(cmc) - 1)]), R10=float(cmc[min(9, len(cmc) - 1)]),
                cmc=cmc.tolist(), num_query=len(query), num_gallery=len(gallery),
-               num_valid_queries=r["num_valid_queries"], num_skipped_queries=r["num_skipped_queries"],
+               num_valid_queries=scores["num_valid_queries"], num_skipped_queries=scores["num_skipped_queries"],
                seconds=round(time.time() - t0, 1))
     util.save_json(os.path.join(results_dir, f"{name}.json"), row)
     table = os.path.join(results_dir, "results.md")
     header = "| name | test set | mAP | R1 | R5 | R10 | mINP |\n|---|---|---|---|---|---|---|\n"
     old = open(table).read() if os.path.exists(table) else header
-    old = "".join(l for l in old.splitlines(True) if not l.startswith(f"| {name} |"))  # a rerun replaces its row
-    line = (f"| {name} | {test_root} | {100 * r['mAP']:.1f} | {100 * row['R1']:.1f} | {100 * row['R5']:.1f} "
-            f"| {100 * row['R10']:.1f} | {100 * r['mINP']:.1f} |\n")
+    old = "".join(table_line for table_line in old.splitlines(True) if not table_line.startswith(f"| {name} |"))  # a rerun replaces its row
+    line = (f"| {name} | {test_root} | {100 * scores['mAP']:.1f} | {100 * row['R1']:.1f} | {100 * row['R5']:.1f} "
+            f"| {100 * row['R10']:.1f} | {100 * scores['mINP']:.1f} |\n")
     util.save_text(table, old + line)
-    print(f"{name}: mAP {100 * r['mAP']:.1f}  R1 {100 * row['R1']:.1f}  R5 {100 * row['R5']:.1f}  "
-          f"R10 {100 * row['R10']:.1f}  mINP {100 * r['mINP']:.1f}  ({r['num_valid_queries']} queries, "
-          f"{r['num_skipped_queries']} skipped)")
+    print(f"{name}: mAP {100 * scores['mAP']:.1f}  R1 {100 * row['R1']:.1f}  R5 {100 * row['R5']:.1f}  "
+          f"R10 {100 * row['R10']:.1f}  mINP {100 * scores['mINP']:.1f}  ({scores['num_valid_queries']} queries, "
+          f"{scores['num_skipped_queries']} skipped)")
     print(f"wrote {os.path.join(results_dir, name + '.json')} and a row of {table}")
 
 

@@ -4,10 +4,10 @@ The paper's shared machinery, in the paper's order.
      of the denoising U-Net's self-attention (paper 3.4, Figure 4)
   2. the generator: pose guiders, the null condition, Generator (both U-Nets + guiders)
   3. sampling: DDIM with classifier-free guidance
-  4. Re-ID: batch-hard triplet loss; mAP/CMC by the Market-1501 protocol (a plain version that
-     reads like the protocol, and the fast exact one the stages use)
+  4. Re-ID: batch-hard triplet loss; mAP/CMC by the Market-1501 protocol, one query at a time
 Bodies, cameras and condition maps are in body.py; loading and saving networks in models.py;
-errors, atomic writes and Re-ID data sets on disk in util.py.
+errors, atomic writes and Re-ID data sets on disk in util.py; the same evaluation vectorised (what
+05 runs, equal to section 4's) in evaluate_fast.py.
 """
 import math
 import functools
@@ -224,110 +224,47 @@ def triplet_loss(features, labels, margin=0.5):
 
 # The Market-1501 protocol (torchreid's eval_market1501; every toolkit shares it), per query:
 #   1. rank the whole gallery by distance, ties kept in gallery order (a stable sort);
-#   2. remove gallery items of the query's pid seen by the query's own camera (too easy);
+#   2. drop what the query is not scored on: junk images (pid -1; util.list_split already leaves
+#      them out when it reads a split) and the gallery items of the query's own pid seen by the
+#      query's own camera (too easy);
 #   3. a query with no match left is skipped (and counted);
 #   4. AP = mean over its matches of the precision at each match (no interpolation);
 #      CMC@k = 1 if a match is within the first k; mINP = #matches / rank of the last match.
-# mAP, CMC and mINP are the means over the valid queries.
+# mAP, CMC and mINP are the means over the valid queries. evaluate_fast.py computes the same
+# numbers without a loop over queries (what 05 runs); the tests hold it to this one.
 
-def evaluate_rank_plain(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-    """The protocol above, one query at a time: the yardstick evaluate_rank must match exactly.
-    Same arguments and result as evaluate_rank."""
+JUNK_PID = -1
+
+
+def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
+    """The protocol above, one query at a time. distmat (num_query, num_gallery); pids and camids
+    int arrays. -> dict(mAP, mINP, cmc (length min(max_rank, gallery without junk)),
+    num_valid_queries, num_skipped_queries)."""
     distmat, q_pids, g_pids, q_camids, g_camids = map(np.asarray, (distmat, q_pids, g_pids, q_camids, g_camids))
-    num_q, num_g = distmat.shape
-    max_rank = min(max_rank, num_g)
+    check_rank_inputs(distmat, q_pids, g_pids)
+    max_rank = min(max_rank, int((g_pids != JUNK_PID).sum()))
     cmcs, aps, inps = [], [], []
-    for i in range(num_q):
-        order = np.argsort(distmat[i], kind="stable")                                          # 1
-        keep = ~((g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i]))               # 2
-        matches = g_pids[order][keep] == q_pids[i]
-        if not matches.any():                                                                   # 3
+    for i in range(len(q_pids)):
+        order = np.argsort(distmat[i], kind="stable")                                           # 1
+        pids, cams = g_pids[order], g_camids[order]
+        dropped = (pids == JUNK_PID) | ((pids == q_pids[i]) & (cams == q_camids[i]))            # 2
+        matches = pids[~dropped] == q_pids[i]
+        if not matches.any():                                                                    # 3
             continue
         hit_ranks = np.flatnonzero(matches) + 1          # 1-based ranks of the matches
-        aps.append(np.mean(np.arange(1, len(hit_ranks) + 1) / hit_ranks))                      # 4
+        aps.append(np.mean(np.arange(1, len(hit_ranks) + 1) / hit_ranks))                       # 4
         cmcs.append((np.arange(1, max_rank + 1) >= hit_ranks[0]).astype(float))
         inps.append(len(hit_ranks) / hit_ranks[-1])
     if not aps:
         raise ValueError("no query has a match in the gallery from another camera")
     return dict(mAP=float(np.mean(aps)), mINP=float(np.mean(inps)), cmc=np.mean(cmcs, 0),
-                num_valid_queries=len(aps), num_skipped_queries=num_q - len(aps))
-
-# Fast and exact, what 05 uses: instead of argsorting whole rows and gathering pids/cams, each
-# row's distances become unique integer keys (order-preserving float bits << 32 | gallery index)
-# and are sorted; the few same-pid items of a query are located in the sorted row by binary
-# search. Memory is O(chunk x gallery) (full Q x G index arrays are what blow memory up).
-
-def _sortable_keys(d, cols):
-    """float32 distances -> uint64 keys whose plain order is (distance, gallery index) order:
-    the IEEE bits of a float are made monotone (flip all bits of negatives, the sign bit of
-    the rest) and the gallery index fills the low 32 bits, so keys are unique and a fast
-    unstable sort gives exactly the stable argsort."""
-    u = d.view(np.uint32)
-    u = np.where(u >> 31, ~u, u | np.uint32(0x80000000)).astype(np.uint64)
-    return (u << np.uint64(32)) | cols.astype(np.uint64)
+                num_valid_queries=len(aps), num_skipped_queries=len(q_pids) - len(aps))
 
 
-def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, chunk=128):
-    """distmat (num_query, num_gallery), numpy; pids and camids numpy int arrays.
-    Returns dict(mAP, mINP, cmc (length min(max_rank, num_gallery)), num_valid_queries,
-    num_skipped_queries). float32 distances take the fast path; other dtypes are ranked with
-    numpy's stable argsort (same result, slower)."""
-    distmat = np.asarray(distmat)
-    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
-    q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
+def check_rank_inputs(distmat, q_pids, g_pids):
+    """What both evaluators refuse: a distance matrix that does not fit the ids, or NaN in it."""
     num_q, num_g = distmat.shape
     if num_q != len(q_pids) or num_g != len(g_pids):
         raise ValueError(f"distmat is {distmat.shape} but there are {len(q_pids)} query / {len(g_pids)} gallery ids")
     if np.isnan(distmat).any():
         raise ValueError("distmat contains NaN")
-    max_rank = min(max_rank, num_g)
-    fast = distmat.dtype == np.float32 and num_g < 2 ** 32
-    g_index = np.arange(num_g)
-    first_hit, aps, inps = [], [], []
-    for s in range(0, num_q, chunk):
-        d = np.ascontiguousarray(distmat[s:s + chunk])
-        qp, qc = q_pids[s:s + chunk], q_camids[s:s + chunk]
-        # same-pid gallery items of each query (the positives plus the same-camera ones that the
-        # protocol removes): a handful per row, so everything after the sort is sparse
-        rows, cols = np.nonzero(qp[:, None] == g_pids[None, :])
-        if fast:
-            keys = _sortable_keys(d, g_index[None, :])
-            keys.sort(axis=1)
-            item_keys = _sortable_keys(d[rows, cols], cols)
-            pos = np.empty(len(rows), dtype=np.int64)
-            bounds = np.searchsorted(rows, np.arange(len(d) + 1))
-            for r in range(len(d)):
-                a, b = bounds[r], bounds[r + 1]
-                if a < b:
-                    pos[a:b] = np.searchsorted(keys[r], item_keys[a:b])
-        else:
-            order = np.argsort(d, axis=1, kind="stable")
-            rank_of = np.empty_like(order)
-            np.put_along_axis(rank_of, order, np.arange(num_g)[None, :].repeat(len(d), 0), axis=1)
-            pos = rank_of[rows, cols]
-        # walk each row's same-pid items in rank order: removed items shift later ranks up by one
-        o = np.lexsort((pos, rows))
-        rows, pos, removed = rows[o], pos[o], (g_camids[cols[o]] == qc[rows[o]])
-        removed_before = np.cumsum(removed) - removed      # exclusive count over all rows...
-        removed_before -= removed_before[np.searchsorted(rows, rows)]  # ...made per row
-        keep = ~removed
-        rank = (pos - removed_before)[keep] + 1            # 1-based rank among the kept gallery
-        rrows = rows[keep]
-        hit_no = np.arange(len(rrows)) - np.searchsorted(rrows, rrows) + 1  # k-th positive of its row
-        n_pos = np.bincount(rrows, minlength=len(d))
-        valid = n_pos > 0
-        prec_sum = np.bincount(rrows, weights=hit_no / rank, minlength=len(d))
-        last = np.zeros(len(d), dtype=np.int64)
-        np.maximum.at(last, rrows, rank)
-        first = np.full(len(d), np.iinfo(np.int64).max)
-        np.minimum.at(first, rrows, rank)
-        first_hit.append(first[valid])
-        aps.append(prec_sum[valid] / n_pos[valid])
-        inps.append(n_pos[valid] / last[valid])
-    first_hit, aps, inps = np.concatenate(first_hit), np.concatenate(aps), np.concatenate(inps)
-    num_valid = len(aps)
-    if num_valid == 0:
-        raise ValueError("no query has a match in the gallery from another camera")
-    cmc = (first_hit[:, None] <= np.arange(1, max_rank + 1)[None, :]).mean(0)
-    return dict(mAP=float(aps.mean()), mINP=float(inps.mean()), cmc=cmc,
-                num_valid_queries=int(num_valid), num_skipped_queries=int(num_q - num_valid))

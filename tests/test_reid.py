@@ -14,6 +14,7 @@ from PIL import Image
 
 from stages import ROOT, load_stage  # noqa: E402  (puts the repository root on sys.path)
 import common  # noqa: E402
+import evaluate_fast  # noqa: E402
 import util  # noqa: E402
 import models  # noqa: E402
 
@@ -165,7 +166,7 @@ def test_triplet_loss_matches_brute_force():
 # -----------------------------------------------------------------------------
 # evaluator
 
-@pytest.mark.parametrize("evaluate", [common.evaluate_rank, common.evaluate_rank_plain])
+@pytest.mark.parametrize("evaluate", [evaluate_fast.evaluate_rank, common.evaluate_rank])
 def test_evaluator_hand_computed(evaluate):
     # one query (pid 1, cam 0); gallery by distance: [pid2, pid1 cam1, pid1 cam0 (removed), pid3, pid1 cam1]
     d = np.array([[0.1, 0.2, 0.3, 0.4, 0.5]], np.float32)
@@ -178,9 +179,13 @@ def test_evaluator_hand_computed(evaluate):
     d = np.array([[0.5, 0.2, 0.2, 0.2]], np.float32)
     r = evaluate(d, np.array([1]), np.array([2, 3, 1, 4]), np.array([0]), np.array([1, 1, 1, 1]))
     assert r["cmc"][:3].tolist() == [0, 1, 1] and r["mAP"] == pytest.approx(1 / 2)
+    # junk (pid -1) is never ranked: the same numbers as without it, CMC cut at the scored gallery
+    d = np.array([[0.05, 0.1, 0.2, 0.3, 0.4, 0.5]], np.float32)
+    r = evaluate(d, np.array([1]), np.array([-1, 2, 1, 1, 3, 1]), np.array([0]), np.array([1, 1, 1, 0, 1, 1]), max_rank=10)
+    assert r["mAP"] == pytest.approx(0.5) and r["mINP"] == pytest.approx(2 / 4) and r["cmc"].tolist() == [0, 1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("evaluate", [common.evaluate_rank, common.evaluate_rank_plain])
+@pytest.mark.parametrize("evaluate", [evaluate_fast.evaluate_rank, common.evaluate_rank])
 def test_evaluator_skips_same_camera_only_queries(evaluate):
     d = np.random.default_rng(0).random((2, 3)).astype(np.float32)
     r = evaluate(d, np.array([1, 2]), np.array([1, 2, 2]), np.array([0, 0]), np.array([0, 1, 1]))
@@ -190,29 +195,32 @@ def test_evaluator_skips_same_camera_only_queries(evaluate):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fast_evaluator_equals_plain_on_random_problems(dtype):
     rng = np.random.default_rng(3)
-    checked = 0
+    checked = tied = 0
     for trial in range(150):
         nq, ng, nid = rng.integers(1, 40), rng.integers(1, 90), rng.integers(1, 12)
         q_p, g_p = rng.integers(1, nid + 1, nq), rng.integers(0, nid + 1, ng)  # pid 0: distractors
+        g_p[rng.random(ng) < 0.1] = -1  # junk
         q_c, g_c = rng.integers(0, 3, nq), rng.integers(0, 3, ng)
         if trial % 2:  # coarse values: many ties
             d = rng.integers(0, 6, (nq, ng)).astype(dtype) - 1
         else:
             d = rng.random((nq, ng)).astype(dtype)
+        # queries with a match at the same distance as another gallery item: the stable order decides its rank
+        tied += sum(np.isin(row[g_p == q], row[g_p != q]).any() for row, q in zip(d, q_p))
         try:  # the plain version of the protocol is the yardstick
-            ref = common.evaluate_rank_plain(d, q_p, g_p, q_c, g_c, max_rank=50)
+            ref = common.evaluate_rank(d, q_p, g_p, q_c, g_c, max_rank=50)
         except ValueError:  # no query has a match from another camera: the fast one says so too
             with pytest.raises(ValueError, match="no query has a match"):
-                common.evaluate_rank(d, q_p, g_p, q_c, g_c)
+                evaluate_fast.evaluate_rank(d, q_p, g_p, q_c, g_c)
             continue
-        r = common.evaluate_rank(d, q_p, g_p, q_c, g_c, max_rank=50, chunk=int(rng.integers(1, 9)))
+        r = evaluate_fast.evaluate_rank(d, q_p, g_p, q_c, g_c, max_rank=50, chunk=int(rng.integers(1, 9)))
         assert r["num_valid_queries"] == ref["num_valid_queries"]
         assert r["num_skipped_queries"] == ref["num_skipped_queries"]
         assert r["num_valid_queries"] + r["num_skipped_queries"] == nq
         assert abs(r["mAP"] - ref["mAP"]) < 1e-6 and abs(r["mINP"] - ref["mINP"]) < 1e-6
-        assert len(r["cmc"]) == min(50, ng) and np.abs(r["cmc"] - ref["cmc"]).max() < 1e-6
+        assert len(r["cmc"]) == len(ref["cmc"]) == min(50, (g_p != -1).sum()) and np.abs(r["cmc"] - ref["cmc"]).max() < 1e-6
         checked += 1
-    assert checked > 100
+    assert checked > 100 and tied > 500
 
 
 # -----------------------------------------------------------------------------
