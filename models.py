@@ -6,6 +6,7 @@ set and feature extraction, and the DDP check that every rank holds the same wei
 """
 import os
 import json
+import contextlib
 import shutil
 import tempfile
 import warnings
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import COND_KINDS, Generator, PoseGuider
+from common import COND_KINDS, Generator, PoseGuider, sample_latents
 from util import UserError, atomic_write
 
 # -----------------------------------------------------------------------------
@@ -151,6 +152,8 @@ def from_pretrained(cls, path_or_id, subfolder=None, what="weights"):
         raise UserError(f"{what} '{path_or_id}' does not exist (give a local folder or a hub id like "
                         f"'stable-diffusion-v1-5/stable-diffusion-v1-5')")
     kw = {"subfolder": subfolder} if subfolder else {}
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # (a bar per loaded model: noise in the stage's output)
     if cls.__module__.startswith("diffusers.models"):
         from diffusers.utils import is_accelerate_available
         kw["low_cpu_mem_usage"] = is_accelerate_available()  # no warning per model when it is absent
@@ -210,7 +213,7 @@ def save_generator(folder, gen):
 def load_generator(folder):
     """-> (Generator, vae, image_encoder, noise-schedule config, args dict) from a folder that
     02_train_generator.py wrote. The VAE / image encoder come from the folder when 02 trained or
-    built them (--from-scratch), else from the pretrained sources recorded in args.json."""
+    brought them (demo/scratch_generator.py's), else from the pretrained sources recorded in args.json."""
     from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler
     from transformers import CLIPVisionModelWithProjection
     args_path = os.path.join(folder, "args.json")
@@ -230,6 +233,61 @@ def load_generator(folder):
                            what="image encoder"))
     schedule = dict(from_pretrained(DDPMScheduler, os.path.join(folder, "scheduler"), what="noise schedule").config)
     return gen, vae.eval().requires_grad_(False), enc.eval().requires_grad_(False), schedule, args
+
+
+def freeze_unused_reference(gen, latent_hw, cross_dim):
+    """Only the INPUT of each attn1 of the reference U-Net is used, so whatever comes after the
+    last one (its attn1/attn2/ff, proj_out, conv_out, ...) gets no gradient: freeze it, so DDP
+    needs no find_unused_parameters and AdamW's weight decay does not shrink weights for nothing.
+    Found by a probe (one tiny forward + backward) rather than a list of names per config."""
+    gen.reference_unet.zero_grad(set_to_none=True)
+    bank = gen.reference(torch.zeros(1, 4, *latent_hw), torch.zeros(1, 1, cross_dim))
+    sum(v.float().sum() for v in bank.values()).backward()
+    frozen = [n for n, p in gen.reference_unet.named_parameters() if p.grad is None]
+    for n, p in gen.reference_unet.named_parameters():
+        if p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
+    return frozen
+
+
+
+@torch.no_grad()
+def sample_grid(gen, vae, enc, schedule, val, device, autocast, seed, ddim_steps, guidance):
+    """02's validation grid: one row per (target, reference, maps) of val, the columns reference |
+    depth | normal | skeleton | generated | target, as uint8 (H, W, 3)."""
+    from diffusers import DDIMScheduler
+    gen.eval()
+    tgt, refs, conds = val
+    with autocast():
+        ref_lat = encode_latents(vae, refs.to(device))
+        emb = clip_embed(enc, refs.to(device))
+        bank = gen.reference(ref_lat, emb)
+        pose = gen.pose({k: v.to(device, memory_format=torch.channels_last) for k, v in conds.items()})
+        noise = torch.randn(ref_lat.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        idx = torch.arange(len(refs), device=device)
+        z = sample_latents(gen, DDIMScheduler.from_config(schedule), noise, emb, pose, bank, idx,
+                           steps=ddim_steps, guidance=guidance)
+        out = decode_latents(vae, z)
+    gen.train()
+    cells = [to_uint8(refs)] + [to_uint8(conds[k].expand(-1, 3, -1, -1) * 2 - 1) for k in COND_KINDS]
+    cells += [to_uint8(out), to_uint8(tgt)]
+    rows = [np.concatenate([c[i] for c in cells], axis=1) for i in range(len(refs))]
+    return np.concatenate(rows, axis=0)
+
+
+@contextlib.contextmanager
+def ema_weights(gen, ema):
+    """The EMA weights in gen for a while (export, samples), then the trained ones back."""
+    if ema is None:
+        yield
+        return
+    ema.store(gen.parameters())
+    ema.copy_to(gen.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(gen.parameters())
 
 
 # -----------------------------------------------------------------------------
@@ -372,6 +430,15 @@ def ranks_weight_difference(module):
     everyone = [torch.zeros_like(v) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(everyone, v)
     return float(torch.stack(everyone).amax(0).sub(torch.stack(everyone).amin(0)).max())
+
+
+def check_ranks_agree(module, world, is_main):
+    """After DDP training: stop with an error when the ranks' weights differ."""
+    diff = ranks_weight_difference(module)
+    if is_main:
+        print(f"{world} ranks hold identical weights" if diff == 0 else f"ranks differ by {diff:.3g}")
+    if diff:
+        raise RuntimeError(f"the {world} DDP ranks ended with different weights (max difference {diff:.3g})")
 
 
 def extract_features(model, items, device, height, width, batch_size=128, workers=2, flip=False):

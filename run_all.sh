@@ -149,7 +149,7 @@ if [ "$DATASET" = demo ]; then
   if [ $SMOKE = 1 ]; then
     WORLD=(--smoke); TARGETS=(--num-poses 4 --views-per-pose 2)
     GEN=(--init "$DEMO_GENERATOR" --steps 20 --batch-size 2 --sample-every 0 --save-every 20 --cache-encodings)
-    GEN_V=(--from-scratch --vae-steps 30 --steps 20 --sample-every 0 --save-every 20 --cache-encodings)
+    SCRATCH=(--vae-steps 30); GEN_V=(--steps 20 --sample-every 0 --save-every 20 --cache-encodings)
     GENERATE=(--refs-per-pid 1 --targets-per-ref 1 --steps 4); FIGURES=(--tsne-max 100); SWEEP=""
     REID=(--arch resnet18 --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 8 --K 4
           --iters 20 --lr-steps 15 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload --workers 0)
@@ -169,7 +169,7 @@ if [ "$DATASET" = demo ]; then
     # (at full weight they cost same-camera accuracy).
     GEN=(--init "$DEMO_GENERATOR" --lr 2e-4 --batch-size 16 --steps 4000 --ema 0.995 --min-snr-gamma 5 --sample-every 500
          --cache-encodings)
-    GEN_V=(--from-scratch --lr 5e-4 --steps 4800 --sample-every 800 --cache-encodings)
+    SCRATCH=(); GEN_V=(--lr 5e-4 --steps 4800 --sample-every 800 --cache-encodings)
     GENERATE=(--refs-per-pid 1 --targets-per-ref 10); FIGURES=(); SWEEP="300 600"
     REID=(--arch resnet18 --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 16 --K 4
           --iters 2400 --lr-steps 1800 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload --workers 0)
@@ -227,7 +227,7 @@ else
     stage "stage-1 conditions" 01_render_smpl.py conditions --data "$STAGE1_DATA" --smpl "$STAGE1_SMPL" --splits $VIDEOS \
       --out "$RUN/stage1/conditions" --size $SIZE1
     stage "generator stage 1" 02_train_generator.py --stage 1 --data "$STAGE1_DATA" --conditions "$RUN/stage1/conditions" \
-      --out "$RUN/generator_stage1" --pretrained "$PRETRAINED" --image-encoder "$IMAGE_ENCODER" --resolution $SIZE1 \
+      --out "$RUN/generator_stage1" --pretrained "$PRETRAINED" --image-encoder "$IMAGE_ENCODER" --size $SIZE1 \
       "${STAGE1[@]}" --skip-missing-conditions $AMP ${DEVICE:+--device $DEVICE}
     GEN=(--init "$RUN/generator_stage1" "${GEN[@]}")
   else
@@ -241,10 +241,12 @@ for v in $VARIANTS; do
     --size $SIZE "${TARGETS[@]}"
 done
 stage generator 02_train_generator.py --data "$DATA_ROOT" --conditions "$RUN/conditions" --out "$RUN/generator" \
-  --resolution $SIZE "${GEN[@]}" ${DEVICE:+--device $DEVICE}
+  --size $SIZE "${GEN[@]}" ${DEVICE:+--device $DEVICE}
 if [ "$DATASET" = demo ] && [ $TABLES = 1 ]; then  # (V): the same architecture, randomly initialised
+  DONE_IF=$RUN/scratch_v/args.json:$DATA_ROOT/identities.json stage "random generator (V)" demo/scratch_generator.py \
+    --data "$DATA_ROOT" --out "$RUN/scratch_v" --size $SIZE "${SCRATCH[@]}" ${DEVICE:+--device $DEVICE}
   stage "generator (V)" 02_train_generator.py --data "$DATA_ROOT" --conditions "$RUN/conditions" \
-    --out "$RUN/generator_v" --resolution $SIZE "${GEN_V[@]}" ${DEVICE:+--device $DEVICE}
+    --out "$RUN/generator_v" --init "$RUN/scratch_v" --size $SIZE "${GEN_V[@]}" ${DEVICE:+--device $DEVICE}
   VARIANTS="ii iii iv v vi"
 fi
 for v in $VARIANTS; do

@@ -4,7 +4,9 @@ input, atomic writes, Market-1501 / DukeMTMC file names and Re-ID data sets.
 """
 import os
 import re
+import csv
 import sys
+import random
 import glob
 import json
 import time
@@ -35,6 +37,8 @@ def run_main(main):
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         sys.exit(1)
+    finally:
+        teardown_ddp()  # on every return, early ones included
 
 
 # -----------------------------------------------------------------------------
@@ -70,6 +74,100 @@ def pick_device(name):
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+# -----------------------------------------------------------------------------
+# DDP and checkpoints: what 02 and 04 share around their training loops
+
+def setup_ddp(device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, one process per GPU (or CPU
+    processes with gloo). -> (rank, world size, torch.device)."""
+    import torch
+    device = pick_device(device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def teardown_ddp():
+    torch = sys.modules.get("torch")  # (scripts that never imported torch have no process group)
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def rng_state():
+    """Every generator's state as tensors and plain values, so that a checkpoint loads with
+    torch.load(weights_only=True): loading a file never runs code from it."""
+    import torch
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state):
+    import torch
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, **state):
+    """torch.save of state + every RNG's state, atomically (a kill never leaves half a file)."""
+    import torch
+    state["rng"] = rng_state()
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, args=None, keep=()):
+    """-> the checkpoint dict at path, loaded without running code (weights_only), RNGs restored.
+    With args: the settings that define the result must equal those the checkpoint was trained
+    with (every argument except those in keep, e.g. the step count, which a rerun may raise);
+    else one line names the differences."""
+    import torch
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        set_rng_state(ck["rng"])
+    except Exception as e:
+        raise UserError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).strip()[:120].splitlines()[0] if str(e).strip() else ''}): "
+                        f"delete it to start that run afresh, or pass another --out")
+    if args is not None:
+        saved, now = ck.get("args", {}), vars(args)
+        diff = [k for k in now if k not in keep and k in saved and _jsonable(saved[k]) != _jsonable(now[k])]
+        if diff:
+            said = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in diff[:4])
+            raise UserError(f"'{path}' was trained with {said}: rerun with its settings to resume, or pass a new --out")
+    return ck
+
+
+class CsvLog:
+    """A training log.csv, rewritten whole (atomically) on every row; a resumed run keeps the
+    rows up to its checkpoint's step (the steps after it are redone)."""
+
+    def __init__(self, path, fields, start):
+        self.path, self.fields, self.rows = path, fields, []
+        if start and os.path.isfile(path):
+            with open(path) as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r[fields[0]]) <= start]
+        self.write()
+
+    def add(self, *values):
+        self.rows.append(dict(zip(self.fields, values)))
+        self.write()
+
+    def write(self):
+        save_text(self.path, ",".join(self.fields) + "\n" +
+                  "".join(",".join(str(r[k]) for k in self.fields) + "\n" for r in self.rows))
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 def run_script(cmd):

@@ -10,8 +10,8 @@ Steps (each resumes or is skipped when its output is there; rerun the same comma
      viewpoints, backgrounds and lights (the broad data SD and the fashion videos stand for);
   2. image encoder: demo/image_encoder.py, a tiny CLIPVisionModelWithProjection trained to give
      one corpus person the same embedding in two frames, then frozen (CLIP's role);
-  3. generator: 02_train_generator.py --stage 1 --from-scratch on the corpus (the VAE first, then
-     the reference + denoising U-Nets and guiders), batch 16, EMA weights, min-SNR weighting;
+  3. generator: demo/scratch_generator.py (the VAE trained on the corpus, random tiny U-Nets and
+     guiders), then 02_train_generator.py --stage 1 --init on the corpus, batch 16, EMA weights, min-SNR weighting;
      run in segments of --snapshot-every steps, each exported to <work>/snapshots/step_N/
      (the learning curve: tools/identity_curve.py);
   4. export: the last snapshot copied into --out (the layout 02 writes, loadable by 02 --init and
@@ -97,15 +97,19 @@ def main():
             + (["--people", "2"] if args.smoke else []), log, log_path)
     else:
         print(f"image encoder: '{enc_dir}' is there")
+    scratch = os.path.join(work, "scratch")  # the random tiny networks, the VAE trained first
+    if not os.path.isfile(os.path.join(scratch, "args.json")):
+        run("random generator", ["demo/scratch_generator.py", "--stage", "1", "--data", os.path.join(corpus, "frames"),
+                                 "--out", scratch, "--image-encoder", enc_dir, "--size", "64x128", "--vae-steps",
+                                 str(args.vae_steps), "--vae-batch-size", "2" if args.smoke else "16"]
+            + (["--device", args.device] if args.device else []), log, log_path)
     gen_cmd = ["02_train_generator.py", "--stage", "1", "--data", os.path.join(corpus, "frames"),
-               "--conditions", os.path.join(corpus, "conditions"), "--out", gen_dir, "--from-scratch",
-               "--image-encoder", enc_dir, "--resolution", "64x128", "--vae-steps", str(args.vae_steps),
-               "--vae-batch-size", "2" if args.smoke else "16",
+               "--conditions", os.path.join(corpus, "conditions"), "--out", gen_dir, "--init", scratch, "--size", "64x128",
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--ema", "0.999", "--min-snr-gamma", "5",
                "--cache-encodings",  # each frame through the frozen VAE and image encoder once, not twice a step
                "--save-every", str(args.snapshot_every), "--sample-every", str(args.snapshot_every)]
     gen_cmd += ["--device", args.device] if args.device else []
-    gen_cmd += ["--sample-steps", "2", "--num-val", "2"] if args.smoke else []
+    gen_cmd += ["--ddim-steps", "2", "--num-val", "2"] if args.smoke else []
     for step in range(args.snapshot_every, args.steps + args.snapshot_every, args.snapshot_every):
         step = min(step, args.steps)
         snap = os.path.join(work, "snapshots", f"step_{step:06d}")

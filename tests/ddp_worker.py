@@ -50,7 +50,7 @@ def main():
         target = torch.randn(B, 4, 16, 8, generator=g)
         loss_fn = lambda m: F.mse_loss(m(*batch), target)
         s02 = load_stage("02_train_generator.py")  # what 02 does before wrapping: freeze the reference
-        s02.freeze_unused_reference(model, (16, 8), 16)  # U-Net's layers that get no gradient
+        models.freeze_unused_reference(model, (16, 8), 16)  # U-Net's layers that get no gradient
         ddp = torch.nn.parallel.DistributedDataParallel(model)  # as 02 wraps it
     else:
         model = models.build_reid_model("resnet18", 8, bnneck=True).eval()  # eval: BN statistics fixed, so the

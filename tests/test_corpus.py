@@ -189,12 +189,14 @@ def test_world_rerenders_frames_and_01_reproduces_maps(corpus, tmp_path):
 
 
 def test_02_stage1_trains_on_the_smoke_corpus(corpus, tmp_path):
-    d, out = corpus[1], str(tmp_path / "generator_stage1")
+    d, scratch, out = corpus[1], str(tmp_path / "scratch"), str(tmp_path / "generator_stage1")
+    r = script(os.path.join(ROOT, "demo", "scratch_generator.py"), "--stage", 1, "--data", os.path.join(d, "frames"),
+               "--out", scratch, "--size", "64x128", "--vae-steps", 2, "--vae-batch-size", 2, "--guider-widths", "8,16,32,64")
+    assert r.returncode == 0, r.stderr[-3000:]
     r = script(os.path.join(ROOT, "02_train_generator.py"), "--stage", 1, "--data", os.path.join(d, "frames"),
-               "--conditions", os.path.join(d, "conditions"), "--out", out, "--from-scratch", "--resolution", "64x128",
-               "--vae-steps", 2, "--vae-batch-size", 2, "--steps", 2, "--batch-size", 2, "--sample-every", 0,
-               "--sample-steps", 2, "--num-val", 2, "--save-every", 2, "--log-every", 1, "--threads", 1,
-               "--guider-widths", "8,16,32,64")
+               "--conditions", os.path.join(d, "conditions"), "--out", out, "--init", scratch, "--size", "64x128",
+               "--steps", 2, "--batch-size", 2, "--sample-every", 0, "--ddim-steps", 2, "--num-val", 2,
+               "--save-every", 2, "--log-every", 1, "--threads", 1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"read {PEOPLE * FRAMES} images in {PEOPLE} videos" in r.stdout
     # the guiders have the widths asked for, and load back with them (factor 8: 3 levels)
@@ -229,7 +231,7 @@ def test_other_settings_stop_with_one_line(corpus):
 
 def test_image_encoder_pretrains_rescales_and_02_uses_it(corpus, tmp_path):
     """demo/image_encoder.py on the smoke corpus: the saved encoder's embeddings have norm ~sqrt(dim)
-    (the rescale lives in the weights), and 02 --from-scratch --image-encoder takes it frozen as it
+    (the rescale lives in the weights), and demo/scratch_generator.py --image-encoder takes it frozen as it
     is: its generator folder's encoder gives the same embeddings, and the U-Nets' cross-attention
     width follows the encoder's (32 here, not 02's random encoder's 64)."""
     import torch
@@ -245,10 +247,8 @@ def test_image_encoder_pretrains_rescales_and_02_uses_it(corpus, tmp_path):
     e = models.clip_embed(enc, x)[:, 0]
     assert e.shape == (PEOPLE * FRAMES, 32)
     assert abs(float(e.norm(dim=1).mean()) / np.sqrt(32) - 1) < 0.1
-    r = script(os.path.join(ROOT, "02_train_generator.py"), "--stage", 1, "--data", os.path.join(d, "frames"),
-               "--conditions", os.path.join(d, "conditions"), "--out", gen_dir, "--from-scratch", "--image-encoder",
-               enc_dir, "--resolution", "64x128", "--vae-steps", 2, "--vae-batch-size", 2, "--steps", 1,
-               "--batch-size", 2, "--sample-every", 0, "--num-val", 2, "--save-every", 1, "--threads", 1)
+    r = script(os.path.join(ROOT, "demo", "scratch_generator.py"), "--stage", 1, "--data", os.path.join(d, "frames"),
+               "--out", gen_dir, "--image-encoder", enc_dir, "--size", "64x128", "--vae-steps", 2, "--vae-batch-size", 2)
     assert r.returncode == 0, r.stderr[-3000:]
     gen, _, enc2, _, _ = models.load_generator(gen_dir)
     assert gen.denoising_unet.config.cross_attention_dim == 32
@@ -288,9 +288,10 @@ def test_pretrain_smoke_snapshots_export_and_provenance(tmp_path):
     g4, vae, enc, schedule, a = models.load_generator(out)
     w2, w4 = g2.denoising_unet.conv_in.weight, g4.denoising_unet.conv_in.weight
     assert not torch.equal(w2, w4)
-    assert a["stage"] == 1 and a["from_scratch"] and a["ema"] == 0.999
+    assert a["stage"] == 1 and a["init"].endswith("scratch") and a["ema"] == 0.999
     prov = json.load(open(os.path.join(out, "provenance.json")))
-    assert sorted(prov["steps"]) == ["corpus", "generator to step 2", "generator to step 4", "image encoder"]
+    assert sorted(prov["steps"]) == ["corpus", "generator to step 2", "generator to step 4", "image encoder",
+                                     "random generator"]
     assert prov["steps"]["generator to step 4"]["command"].split()[1:3] == ["02_train_generator.py", "--stage"]
     assert prov["settings"]["steps"] == 4 and prov["machine"]["cpus"] == os.cpu_count()
     r = script(os.path.join(ROOT, "demo", "pretrain.py"), "--work", work, "--out", out, "--smoke", "--workers", 1)

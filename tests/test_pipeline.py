@@ -31,10 +31,10 @@ def test_run_all_demo_smoke(tmp_path):
         assert rows and sorted(os.path.basename(x["file"]) for x in rows) == files
         by_file = {os.path.basename(x["file"]): x for x in rows}  # source pid and camera, sequence 0
         assert all(util.parse_name(f) == util.parse_name(by_file[f]["source"]) and "s0_" in f for f in files)
-    # (VI) fine-tunes the shipped pretrained generator; (V) trains the same architecture from scratch
-    args = {g: json.loads((run / g / "args.json").read_text()) for g in ("generator", "generator_v")}
-    assert args["generator"]["init"] == "assets/demo_generator" and not args["generator"]["from_scratch"]
-    assert args["generator_v"]["from_scratch"] and args["generator_v"]["init"] is None
+    # (VI) fine-tunes the shipped pretrained generator; (V) trains the same architecture from random weights
+    args = {g: json.loads((run / g / "args.json").read_text()) for g in ("generator", "generator_v", "scratch_v")}
+    assert args["generator"]["init"] == "assets/demo_generator"
+    assert args["generator_v"]["init"].endswith("scratch_v") and args["scratch_v"]["built_by"] == "demo/scratch_generator.py"
     v_jobs = [(x["source"], x["target_id"]) for x in csv.DictReader(open(run / "augmented" / "v" / "manifest.csv"))]
     assert sorted(v_jobs) == sorted((x["source"], x["target_id"]) for x in csv.DictReader(open(run / "augmented" / "vi" / "manifest.csv")))
     oracle = sorted(os.listdir(run / "augmented" / "oracle" / "bounding_box_train"))
