@@ -15,10 +15,10 @@ step and every target of that reference. Output: <out>/bounding_box_train/PPPP_c
 no real image has (util.generated_name); RR = reference slot, TTTT = target row) + <out>/manifest.csv (file, source, pid, target_id, pose_id, elevation,
 azimuth, seed). Images are written atomically; a rerun skips what exists and the manifest only
 ever lists complete images (it matches the folder after every finished run). Split one job
-list over machines/GPUs with --shard i/n and/or torchrun (rank/world). --benchmark N measures
-images/s with the reference cache vs recomputing the reference U-Net every step.
+list over machines/GPUs with --shard i/n and/or torchrun (rank/world).
 On the demo world, demo/oracle.py renders the ground truth of the same jobs and
-demo/fidelity.py measures the generated images against it.
+demo/fidelity.py measures the generated images against it. What the reference cache saves:
+tools/bench_sampler.py.
 """
 import os
 import sys
@@ -40,7 +40,7 @@ MANIFEST_COLS = ["file", "source", "pid", "target_id", "pose_id", "elevation", "
 TARGET_COLS = ["target_id", "pose_id", "pose_source", "elevation", "azimuth"]
 
 
-def parse_generate_args(argv):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generator", required=True, help="folder written by 02_train_generator.py")
     p.add_argument("--data", required=True, help="Market-1501-layout root: references come from bounding_box_train/")
@@ -50,25 +50,32 @@ def parse_generate_args(argv):
     p.add_argument("--targets-per-ref", type=int, default=0, help="targets drawn per reference (0: all; paper: 65-70)")
     p.add_argument("--num-images", type=int, default=0, help="cap on the images added, drawn at random from the "
                    "job list (0: all); the paper's own totals disagree, so this is a flag")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--ddim-steps", type=int, default=25, help="DDIM sampling steps per image")
+    util.old_flag(p, "--steps", "--ddim-steps", type=int)
     p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale")
     p.add_argument("--batch-size", type=int, default=8, help="targets denoised together (x2 rows with guidance)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the job list and every image's noise")
     p.add_argument("--shard", default="0/1", help="i/n: do the i-th of n parts of the job list (torchrun splits further)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (use on GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    p.add_argument("--benchmark", type=int, default=0, metavar="N", help="write nothing; time N images with the "
-                   "reference cache and N recomputing the reference U-Net every step, print images/s and the ratio")
     args = p.parse_args(argv)
     try:
-        lo, hi = (int(v) for v in (args.refs_per_pid.split("-") * 2)[:2])
+        args.refs = refs_range(args.refs_per_pid)
         i, n = (int(v) for v in args.shard.split("/"))
-        assert 1 <= lo <= hi and 0 <= i < n
+        assert 0 <= i < n
     except (ValueError, AssertionError):
         raise UserError(f"bad --refs-per-pid '{args.refs_per_pid}' or --shard '{args.shard}' (want e.g. 5-7 and 0/4)")
-    args.refs, args.shard_i, args.shard_n = (lo, hi), i, n
+    args.shard_i, args.shard_n = i, n
     return args
+
+
+def refs_range(text):
+    """--refs-per-pid 'K' or 'LO-HI' -> (LO, HI); ValueError unless 1 <= LO <= HI."""
+    lo, hi = (int(v) for v in (text.split("-") * 2)[:2])
+    if not 1 <= lo <= hi:
+        raise ValueError(text)
+    return lo, hi
 
 # -----------------------------------------------------------------------------
 # job list: a deterministic function of (data, targets, flags): every shard and every rerun agrees
@@ -134,71 +141,95 @@ def write_manifest(out, jobs):
             return len(rows)
 
 # -----------------------------------------------------------------------------
+# sampling: the generator on one device, the reference U-Net once per reference
 
-def generate(argv=None):
-    args = parse_generate_args(argv)
-    from diffusers import DDIMScheduler
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+def load_target_maps(folder, targets, size):
+    """{target_id: {kind: (C, H, W) map}} of every target row, at the generator's size."""
+    return {t["target_id"]: body.load_conditions(os.path.join(folder, "maps"), t["target_id"], size) for t in targets}
 
-    train = util.list_split(os.path.join(args.data, util.SPLIT_DIRS["train"]))
-    targets = read_targets(args.targets)
-    gen, vae, enc, schedule, gargs = models.load_generator(args.generator)
-    size = tuple(gargs["size_hw"])
-    sched = DDIMScheduler.from_config(schedule)  # the training schedule, sampled with DDIM
-    gen.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)  # NHWC: faster convolutions
-    vae.to(device)
-    enc.to(device)
-    print(f"read {len(train)} train images from '{args.data}', {len(targets)} targets from '{args.targets}', "
-          f"generator '{args.generator}' ({size[1]}x{size[0]}, schedule {schedule.get('beta_schedule')})")
-    maps = {t["target_id"]: body.load_conditions(os.path.join(args.targets, "maps"), t["target_id"], size) for t in targets}
 
-    jobs = make_jobs(train, targets, args)
-    # this process's part: whole references (their cache is used fully), round-robin over
-    # --shard i/n x torchrun rank/world
+def job_noise(jobs, shape, device):
+    """One generator per image, seeded by its job: the same image whatever the batch or shard."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(j["seed"])) for j in jobs]).to(device)
+
+
+class Sampler:
+    """A generator folder loaded for sampling on one device. reference() runs the reference U-Net
+    on one reference image; images() then renders any batch of that reference's jobs from those
+    features (DDIM + classifier-free guidance, common.sample_latents)."""
+
+    def __init__(self, folder, device, amp=False, ddim_steps=25, guidance=3.5):
+        from diffusers import DDIMScheduler
+        self.gen, self.vae, self.enc, self.schedule, gen_args = models.load_generator(folder)
+        self.size = tuple(gen_args["size_hw"])
+        self.scheduler = DDIMScheduler.from_config(self.schedule)  # the training schedule, sampled with DDIM
+        self.gen.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)  # NHWC: faster convolutions
+        self.vae.to(device)
+        self.enc.to(device)
+        self.device, self.amp, self.ddim_steps, self.guidance = device, amp, ddim_steps, guidance
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    @torch.no_grad()
+    def reference(self, ref_img):
+        """-> (reference latent, CLIP embedding, reference features): the features serve every
+        target and every denoising step of this reference."""
+        with self.autocast():
+            x = ref_img[None].to(self.device)
+            ref_lat, emb = models.encode_latents(self.vae, x), models.clip_embed(self.enc, x)
+            return ref_lat, emb, self.gen.reference(ref_lat, emb)
+
+    @torch.no_grad()
+    def images(self, cache, jobs, maps):
+        """-> uint8 images (B, H, W, 3) for jobs of the reference whose reference() is cache."""
+        ref_lat, emb, bank = cache
+        batch_size = len(jobs)
+        with self.autocast():
+            conds = {k: torch.stack([maps[j["target_id"]][k] for j in jobs]).to(self.device, memory_format=torch.channels_last)
+                     for k in common.COND_KINDS}
+            pose = self.gen.pose(conds)  # once per batch, reused every step
+            index = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+            latents = common.sample_latents(self.gen, self.scheduler, job_noise(jobs, ref_lat.shape[1:], self.device),
+                                            emb.expand(batch_size, -1, -1), pose, bank, index,
+                                            steps=self.ddim_steps, guidance=self.guidance)
+            return models.to_uint8(models.decode_latents(self.vae, latents))
+
+
+def this_part(jobs, shard_i, shard_n):
+    """This process's part of the job list: whole references (their cache is used fully),
+    round-robin over --shard i/n x torchrun rank/world. -> ({reference path: its jobs}, part, parts, references)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    part, parts = args.shard_i * world + rank, args.shard_n * world
+    part, parts = shard_i * world + rank, shard_n * world
     refs = sorted({j["ref_path"] for j in jobs})
     mine = {r for i, r in enumerate(refs) if i % parts == part}
     groups = {}
     for j in jobs:
         if j["ref_path"] in mine:
             groups.setdefault(j["ref_path"], []).append(j)
+    return groups, part, parts, refs
 
-    def noise_of(js, shape):  # one generator per image: the same image whatever the batch or shard
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(j["seed"])) for j in js]).to(device)
+# -----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def reference_cache(ref_img):
-        """The reference U-Net, once per reference: its features serve all targets and steps."""
-        with autocast():
-            x = ref_img[None].to(device)
-            ref_lat, emb = models.encode_latents(vae, x), models.clip_embed(enc, x)
-            return ref_lat, emb, gen.reference(ref_lat, emb)
+def generate(argv=None):
+    args = parse_args(argv)
+    device = util.pick_device(args.device)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    device = torch.device(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    @torch.no_grad()
-    def run_batch(cache, js, recompute=False):
-        """-> uint8 images for jobs js of one reference. recompute: benchmark baseline only."""
-        ref_lat, emb, bank = cache
-        B = len(js)
-        with autocast():
-            conds = {k: torch.stack([maps[j["target_id"]][k] for j in js]).to(device, memory_format=torch.channels_last)
-                     for k in common.COND_KINDS}
-            pose = gen.pose(conds)  # once per batch, reused every step
-            idx = torch.zeros(B, dtype=torch.long, device=device)
-            ref_fn = (lambda: gen.reference(ref_lat, emb)) if recompute else None
-            z = common.sample_latents(gen, sched, noise_of(js, ref_lat.shape[1:]), emb.expand(B, -1, -1), pose, bank, idx,
-                                      steps=args.steps, guidance=args.guidance, reference_fn=ref_fn)
-            return models.to_uint8(models.decode_latents(vae, z))
+    train = util.list_split(os.path.join(args.data, util.SPLIT_DIRS["train"]))
+    targets = read_targets(args.targets)
+    sampler = Sampler(args.generator, device, args.amp, args.ddim_steps, args.guidance)
+    size = sampler.size
+    print(f"read {len(train)} train images from '{args.data}', {len(targets)} targets from '{args.targets}', "
+          f"generator '{args.generator}' ({size[1]}x{size[0]}, schedule {sampler.schedule.get('beta_schedule')})")
+    maps = load_target_maps(args.targets, targets, size)
 
-    if args.benchmark:
-        return benchmark(args, groups, size, reference_cache, run_batch, device)
+    jobs = make_jobs(train, targets, args)
+    groups, part, parts, refs = this_part(jobs, args.shard_i, args.shard_n)
 
     os.makedirs(os.path.join(args.out, "bounding_box_train"), exist_ok=True)
     util.remove_stale_temps(os.path.join(args.out, "bounding_box_train"))
@@ -208,15 +239,15 @@ def generate(argv=None):
           f"{n_mine - todo} already there, {todo} to generate")
     bar = tqdm(total=todo, desc="generating", unit="img")
     n_ref_forwards, last_manifest = 0, 0.0
-    for ref_path, js in groups.items():
-        pending = [j for j in js if not os.path.isfile(os.path.join(args.out, j["file"]))]
+    for ref_path, ref_jobs in groups.items():
+        pending = [j for j in ref_jobs if not os.path.isfile(os.path.join(args.out, j["file"]))]
         if not pending:
             continue
-        cache = reference_cache(models.load_image_tensor(ref_path, size))
+        cache = sampler.reference(models.load_image_tensor(ref_path, size))
         n_ref_forwards += 1
         for b in range(0, len(pending), args.batch_size):
             chunk = pending[b:b + args.batch_size]
-            for j, img in zip(chunk, run_batch(cache, chunk)):
+            for j, img in zip(chunk, sampler.images(cache, chunk, maps)):
                 util.save_image(os.path.join(args.out, j["file"]), img)
             bar.update(len(chunk))
             if time.time() - last_manifest > 10:  # a killed run's manifest lags by seconds at most
@@ -227,38 +258,6 @@ def generate(argv=None):
     print(f"reference U-Net forwards: {n_ref_forwards}")
     print(f"wrote {todo} images to '{os.path.join(args.out, 'bounding_box_train')}'; "
           f"'{os.path.join(args.out, 'manifest.csv')}' lists {n} of {len(jobs)} jobs")
-
-
-def benchmark(args, groups, size, reference_cache, run_batch, device):
-    """Same references, targets, seeds and batches: cached reference features vs the reference
-    U-Net recomputed at every denoising step (what a pipeline without the cache does)."""
-    js = [j for g in groups.values() for j in g][:args.benchmark]
-    if not js:
-        raise UserError("--benchmark: no jobs in this part")
-    by_ref = {}
-    for j in js:
-        by_ref.setdefault(j["ref_path"], []).append(j)
-    imgs = {r: models.load_image_tensor(r, size) for r in by_ref}
-    run_batch(reference_cache(imgs[js[0]["ref_path"]]), js[:1])  # warm-up
-    res = {}
-    for name, recompute in (("cached", False), ("recomputed", True)):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.time()
-        for r, rj in tqdm(by_ref.items(), desc=f"benchmark ({name})", leave=False):
-            cache = reference_cache(imgs[r])  # both variants pay for one; the baseline then recomputes it per step
-            for b in range(0, len(rj), args.batch_size):
-                run_batch(cache, rj[b:b + args.batch_size], recompute=recompute)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        res[name] = len(js) / (time.time() - t0)
-    res["ratio"] = res["cached"] / res["recomputed"]
-    print(f"benchmark: {len(js)} images, {len(by_ref)} references, {args.steps} steps, batch {args.batch_size}, "
-          f"guidance {args.guidance}, device {device}, threads {torch.get_num_threads()}")
-    print(f"  with reference cache:        {res['cached']:.2f} images/s")
-    print(f"  reference U-Net every step:  {res['recomputed']:.2f} images/s")
-    print(f"  ratio: {res['ratio']:.2f}x")
-    return res
 
 
 def main():

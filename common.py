@@ -180,28 +180,26 @@ class Generator(nn.Module):
 # 3. Sampling: DDIM + classifier-free guidance
 
 @torch.no_grad()
-def sample_latents(gen, scheduler, noise, emb, pose, bank, index, steps=25, guidance=3.5, reference_fn=None):
-    """DDIM + classifier-free guidance. noise (B, 4, h, w); emb (B, 1, D) CLIP embedding of each
-    row's reference; pose (B, C, h, w) guider features (computed once, reused every step); bank +
-    index: reference features (computed ONCE per reference by the caller) and which one each row
-    uses. The unconditional branch is null_condition(): the training null exactly.
-    reference_fn: benchmark only, recomputes the bank every step (the uncached baseline)."""
+def sample_latents(gen, scheduler, noise, emb, pose, bank, index, steps=25, guidance=3.5):
+    """DDIM + classifier-free guidance, `steps` sampling steps. noise (B, 4, h, w); emb (B, 1, D)
+    CLIP embedding of each row's reference; pose (B, C, h, w) guider features (computed once,
+    reused every step); bank + index: reference features (computed ONCE per reference by the
+    caller) and which one each row uses. The unconditional branch is null_condition(): the
+    training null exactly."""
     scheduler.set_timesteps(steps, device=noise.device)
-    x = noise * scheduler.init_noise_sigma
-    cfg = guidance != 1.0
-    if cfg:  # [uncond rows; cond rows] in one batch
-        emb_u, index_u = null_condition(emb, index, torch.ones_like(index, dtype=torch.bool))
-        emb, index, pose = torch.cat([emb_u, emb]), torch.cat([index_u, index]), torch.cat([pose, pose])
+    latents = noise * scheduler.init_noise_sigma
+    guided = guidance != 1.0
+    if guided:  # [uncond rows; cond rows] in one batch
+        emb_null, index_null = null_condition(emb, index, torch.ones_like(index, dtype=torch.bool))
+        emb, index, pose = torch.cat([emb_null, emb]), torch.cat([index_null, index]), torch.cat([pose, pose])
     for t in scheduler.timesteps:
-        if reference_fn is not None:
-            bank = reference_fn()
-        xin = scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-        eps = gen.denoise(xin, t, emb, pose, bank, index)
-        if cfg:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-        x = scheduler.step(eps.float(), t, x).prev_sample
-    return x
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
+        eps = gen.denoise(model_input, t, emb, pose, bank, index)
+        if guided:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        latents = scheduler.step(eps.float(), t, latents).prev_sample
+    return latents
 
 # -----------------------------------------------------------------------------
 # 4. Re-ID: batch-hard triplet loss (paper 4.2), mAP and CMC (the Market-1501 protocol)

@@ -152,7 +152,7 @@ def main():
            "print('peak', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     p = subprocess.run([sys.executable, "-c", wrap, sys.executable, "03_generate.py", "--generator", gfolder, "--data", data,
                         "--targets", targets, "--out", out, "--refs-per-pid", "1", "--targets-per-ref", str(args.images),
-                        "--num-images", str(args.images), "--steps", str(args.ddim_steps), "--batch-size", str(args.images),
+                        "--num-images", str(args.images), "--ddim-steps", str(args.ddim_steps), "--batch-size", str(args.images),
                         "--device", args.device, *(["--amp"] if args.amp else [])],
                        cwd=here, check=True, stdout=subprocess.PIPE, text=True)
     print(p.stdout)
