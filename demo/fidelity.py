@@ -80,7 +80,7 @@ def iou(m1, m2):
     return float(np.logical_and(m1, m2).sum() / u) if u else 1.0
 
 
-def fidelity(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generated", required=True, help="variant folder: manifest.csv + bounding_box_train/")
     p.add_argument("--oracle", required=True, help="oracle folder of the same layout and file names (demo/oracle.py)")
@@ -92,11 +92,15 @@ def fidelity(argv=None):
     p.add_argument("--data", default=None, help="with --sheet: the data set root whose bounding_box_train/ "
                    "holds the references")
     p.add_argument("--targets", default=None, help="with --sheet: the target set (maps/<target_id>.skeleton.png)")
-    p.add_argument("--sheet-rows", type=int, default=6)
+    p.add_argument("--sheet-rows", type=int, default=6, help="references on the contact sheet")
     p.add_argument("--generator", default=None, help="the generator folder: also measure its VAE's ceiling "
                    "(person PSNR and colourfulness of the oracle renders encoded and decoded)")
     p.add_argument("--ceiling-images", type=int, default=256, help="oracle renders for the VAE ceiling")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def fidelity(argv=None):
+    args = parse_args(argv)
     if args.sheet and not (args.data and args.targets):
         raise UserError("--sheet needs --data (references) and --targets (skeleton maps)")
     from PIL import Image
@@ -120,68 +124,71 @@ def fidelity(argv=None):
 
     gen, ora, gmask, omask = {}, {}, {}, {}
     for r in tqdm(have, desc="loading", leave=False):
-        g = load(os.path.join(args.generated, r["file"]))
-        size = (g.shape[1], g.shape[0])
-        o = load(os.path.join(args.oracle, r["file"]), size)
-        mp = os.path.join(masks_dir, os.path.splitext(os.path.basename(r["file"]))[0] + ".mask.png")
-        if os.path.isfile(mp):
-            with Image.open(mp) as im:
-                om = np.asarray(im.convert("L").resize(size, Image.NEAREST)) > 127
+        gen_img = load(os.path.join(args.generated, r["file"]))
+        size = (gen_img.shape[1], gen_img.shape[0])
+        ora_img = load(os.path.join(args.oracle, r["file"]), size)
+        mask_path = os.path.join(masks_dir, os.path.splitext(os.path.basename(r["file"]))[0] + ".mask.png")
+        if os.path.isfile(mask_path):
+            with Image.open(mask_path) as im:
+                ora_mask = np.asarray(im.convert("L").resize(size, Image.NEAREST)) > 127
         else:
-            om = estimate_mask(o)
-        gen[r["file"]], ora[r["file"]], gmask[r["file"]], omask[r["file"]] = g, o, estimate_mask(g), om
+            ora_mask = estimate_mask(ora_img)
+        gen[r["file"]], ora[r["file"]] = gen_img, ora_img
+        gmask[r["file"]], omask[r["file"]] = estimate_mask(gen_img), ora_mask
     # controls: the same identity's oracle in another target pose (does the sample follow the pose?)
     # and another identity's oracle in the same target pose (does it keep the identity?)
     by_src, by_tgt = {}, {}
     for r in have:
         by_src.setdefault(r["source"], []).append(r)
         by_tgt.setdefault(r["target_id"], []).append(r)
-    m = {k: [] for k in ("psnr", "psnr_fg", "ssim", "mask_iou", "shuf_psnr", "shuf_psnr_fg", "shuf_iou",
-                         "other_psnr", "other_psnr_fg", "other_iou", "gain_pose_iou", "gain_id_psnr_fg",
-                         "colour_gen", "colour_ora", "gain_id_psnr_overlap", "overlap_share")}
+    metrics = {k: [] for k in ("psnr", "psnr_fg", "ssim", "mask_iou", "shuf_psnr", "shuf_psnr_fg", "shuf_iou",
+                               "other_psnr", "other_psnr_fg", "other_iou", "gain_pose_iou", "gain_id_psnr_fg",
+                               "colour_gen", "colour_ora", "gain_id_psnr_overlap", "overlap_share")}
     for r in tqdm(have, desc="fidelity"):
-        f = r["file"]
-        m["psnr"].append(psnr(gen[f], ora[f]))
-        m["psnr_fg"].append(psnr(gen[f], ora[f], omask[f]))
-        m["ssim"].append(ssim(gen[f], ora[f]))
-        m["mask_iou"].append(iou(gmask[f], omask[f]))
-        m["colour_gen"].append(colourfulness(gen[f], gmask[f]))
-        m["colour_ora"].append(colourfulness(ora[f], omask[f]))
-        same = [q for q in by_src[r["source"]] if q["target_id"] != r["target_id"]]
+        file = r["file"]
+        metrics["psnr"].append(psnr(gen[file], ora[file]))
+        metrics["psnr_fg"].append(psnr(gen[file], ora[file], omask[file]))
+        metrics["ssim"].append(ssim(gen[file], ora[file]))
+        metrics["mask_iou"].append(iou(gmask[file], omask[file]))
+        metrics["colour_gen"].append(colourfulness(gen[file], gmask[file]))
+        metrics["colour_ora"].append(colourfulness(ora[file], omask[file]))
+        same = [row for row in by_src[r["source"]] if row["target_id"] != r["target_id"]]
         if same:
-            q = same[len(m["psnr"]) % len(same)]["file"]  # deterministic pick
-            m["shuf_psnr"].append(psnr(gen[f], ora[q]))
-            m["shuf_psnr_fg"].append(psnr(gen[f], ora[q], omask[q]))
-            m["shuf_iou"].append(iou(gmask[f], omask[q]))
-            m["gain_pose_iou"].append(m["mask_iou"][-1] - m["shuf_iou"][-1])
-        other = [q for q in by_tgt[r["target_id"]] if q["pid"] != r["pid"]]
+            control = same[len(metrics["psnr"]) % len(same)]["file"]  # deterministic pick
+            metrics["shuf_psnr"].append(psnr(gen[file], ora[control]))
+            metrics["shuf_psnr_fg"].append(psnr(gen[file], ora[control], omask[control]))
+            metrics["shuf_iou"].append(iou(gmask[file], omask[control]))
+            metrics["gain_pose_iou"].append(metrics["mask_iou"][-1] - metrics["shuf_iou"][-1])
+        other = [row for row in by_tgt[r["target_id"]] if row["pid"] != r["pid"]]
         if other:
-            q = other[len(m["psnr"]) % len(other)]["file"]
-            m["other_psnr"].append(psnr(gen[f], ora[q]))
-            m["other_psnr_fg"].append(psnr(gen[f], ora[q], omask[q]))
-            m["other_iou"].append(iou(gmask[f], omask[q]))
-            m["gain_id_psnr_fg"].append(m["psnr_fg"][-1] - m["other_psnr_fg"][-1])
+            control = other[len(metrics["psnr"]) % len(other)]["file"]
+            metrics["other_psnr"].append(psnr(gen[file], ora[control]))
+            metrics["other_psnr_fg"].append(psnr(gen[file], ora[control], omask[control]))
+            metrics["other_iou"].append(iou(gmask[file], omask[control]))
+            metrics["gain_id_psnr_fg"].append(metrics["psnr_fg"][-1] - metrics["other_psnr_fg"][-1])
             # the same gain only where the generated image and both oracles show a person: what is
             # left when the silhouettes' misalignment (mask IoU) is taken out
-            both = gmask[f] & omask[f] & omask[q]
+            both = gmask[file] & omask[file] & omask[control]
             if both.sum() >= 20:
-                m["gain_id_psnr_overlap"].append(psnr(gen[f], ora[f], both) - psnr(gen[f], ora[q], both))
-                m["overlap_share"].append(float(both.sum() / max(omask[f].sum(), 1)))
+                metrics["gain_id_psnr_overlap"].append(psnr(gen[file], ora[file], both)
+                                                       - psnr(gen[file], ora[control], both))
+                metrics["overlap_share"].append(float(both.sum() / max(omask[file].sum(), 1)))
     mean = lambda v: float(np.mean(v)) if v else None
     # paired gains over the controls with a 95% interval: "clearly above" means the interval excludes 0
     ci = lambda v: [float(np.mean(v) - 1.96 * np.std(v) / np.sqrt(len(v))), float(np.mean(v) + 1.96 * np.std(v) / np.sqrt(len(v)))] if len(v) > 1 else None
     res = dict(generated=args.generated, oracle=args.oracle, images=len(have), images_without_oracle=len(rows) - len(have),
-               psnr=mean(m["psnr"]), psnr_foreground=mean(m["psnr_fg"]), ssim=mean(m["ssim"]), mask_iou=mean(m["mask_iou"]),
-               control_pose_shuffled=dict(psnr=mean(m["shuf_psnr"]), psnr_foreground=mean(m["shuf_psnr_fg"]),
-                                          mask_iou=mean(m["shuf_iou"]), n=len(m["shuf_iou"])),
-               control_other_identity=dict(psnr=mean(m["other_psnr"]), psnr_foreground=mean(m["other_psnr_fg"]),
-                                           mask_iou=mean(m["other_iou"]), n=len(m["other_iou"])),
+               psnr=mean(metrics["psnr"]), psnr_foreground=mean(metrics["psnr_fg"]), ssim=mean(metrics["ssim"]),
+               mask_iou=mean(metrics["mask_iou"]),
+               control_pose_shuffled=dict(psnr=mean(metrics["shuf_psnr"]), psnr_foreground=mean(metrics["shuf_psnr_fg"]),
+                                          mask_iou=mean(metrics["shuf_iou"]), n=len(metrics["shuf_iou"])),
+               control_other_identity=dict(psnr=mean(metrics["other_psnr"]), psnr_foreground=mean(metrics["other_psnr_fg"]),
+                                           mask_iou=mean(metrics["other_iou"]), n=len(metrics["other_iou"])),
                oracle_masks="files" if os.path.isdir(masks_dir) else "estimated",
-               pose_gain_mask_iou=dict(mean=mean(m["gain_pose_iou"]), ci95=ci(m["gain_pose_iou"])),
-               identity_gain_psnr_foreground=dict(mean=mean(m["gain_id_psnr_fg"]), ci95=ci(m["gain_id_psnr_fg"])),
-               identity_gain_psnr_overlap=dict(mean=mean(m["gain_id_psnr_overlap"]), ci95=ci(m["gain_id_psnr_overlap"]),
-                                               share_of_person=mean(m["overlap_share"]), n=len(m["overlap_share"])),
-               colourfulness=dict(generated=mean(m["colour_gen"]), oracle=mean(m["colour_ora"])))
+               pose_gain_mask_iou=dict(mean=mean(metrics["gain_pose_iou"]), ci95=ci(metrics["gain_pose_iou"])),
+               identity_gain_psnr_foreground=dict(mean=mean(metrics["gain_id_psnr_fg"]), ci95=ci(metrics["gain_id_psnr_fg"])),
+               identity_gain_psnr_overlap=dict(mean=mean(metrics["gain_id_psnr_overlap"]), ci95=ci(metrics["gain_id_psnr_overlap"]),
+                                               share_of_person=mean(metrics["overlap_share"]), n=len(metrics["overlap_share"])),
+               colourfulness=dict(generated=mean(metrics["colour_gen"]), oracle=mean(metrics["colour_ora"])))
     if args.generator:
         pick = [r["file"] for r in have[::max(1, len(have) // args.ceiling_images)][:args.ceiling_images]]
         res["vae_ceiling"] = vae_ceiling(args.generator, [ora[f] for f in pick], [omask[f] for f in pick])

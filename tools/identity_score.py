@@ -9,7 +9,7 @@ alike they are (how many identities they land on, the feature spread): a generat
 look like a few ids lands on few. A user can run it on Market-1501 before spending GPU
 hours on Re-ID training with generated images.
 
-  python tools/identity_score.py --model runs/demo/reid/base_s0/model.pt --data-root runs/demo/world \\
+  python tools/identity_score.py --model runs/demo/reid/base_s0/model.pt --data runs/demo/world \\
       --generated runs/demo/augmented/vi [--oracle runs/demo/augmented/oracle] --out runs/demo/results/identity.json
 """
 import os
@@ -45,23 +45,29 @@ def collapse(train_feats, feats, assigned, labels):
                 spread_vs_real=spread(feats) / spread(train_feats))
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model.pt of row (I), trained without generated images (04)")
-    ap.add_argument("--data-root", required=True, help="the Market-layout data set the model was trained on")
+    required = ap.add_mutually_exclusive_group(required=True)  # (a group: the old spelling counts as given too)
+    required.add_argument("--data", help="the Market-layout data set the model was trained on")
+    util.old_flag(required, "--data-root", "--data")
     ap.add_argument("--generated", required=True, help="03's folder: bounding_box_train/ + manifest.csv")
     ap.add_argument("--oracle", default=None, help="demo world: the oracle renders of the same jobs (demo/oracle.py)")
     ap.add_argument("--out", required=True, help="JSON to write")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--workers", type=int, default=2)
-    args = ap.parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
+    ap.add_argument("--workers", type=int, default=2, help="image loader processes")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(util.pick_device(args.device))
     model, ckpt = models.load_reid_model(args.model, device)
-    train = util.list_split(os.path.join(args.data_root, util.SPLIT_DIRS["train"]))
+    train = util.list_split(os.path.join(args.data, util.SPLIT_DIRS["train"]))
     feats = lambda items: models.extract_features(model, items, device, ckpt["height"], ckpt["width"],
                                                   workers=args.workers).numpy()
-    tf, tl = feats(train), np.array([pid for _, pid, _ in train])
-    res = dict(model=args.model, identities=int(len(np.unique(tl))), chance=1.0 / len(np.unique(tl)))
+    train_feats, train_labels = feats(train), np.array([pid for _, pid, _ in train])
+    res = dict(model=args.model, identities=int(len(np.unique(train_labels))), chance=1.0 / len(np.unique(train_labels)))
     for name, folder in (("generated", args.generated), ("oracle", args.oracle)):
         if folder is None:
             continue
@@ -73,9 +79,10 @@ def main():
         items = [(os.path.join(folder, r["file"]), int(r["pid"]), 0) for r in rows]
         if not items:
             raise util.UserError(f"none of the images listed in '{man}' exists")
-        f, labels = feats(items), np.array([pid for _, pid, _ in items])
-        assigned = nearest_centroid(tf, tl, f)
-        res[name] = dict(images=len(items), agreement=float(np.mean(assigned == labels)), **collapse(tf, f, assigned, labels))
+        gen_feats, labels = feats(items), np.array([pid for _, pid, _ in items])
+        assigned = nearest_centroid(train_feats, train_labels, gen_feats)
+        res[name] = dict(images=len(items), agreement=float(np.mean(assigned == labels)),
+                         **collapse(train_feats, gen_feats, assigned, labels))
     if "oracle" in res:
         res["generated_vs_oracle"] = res["generated"]["agreement"] / max(res["oracle"]["agreement"], 1e-12)
     util.save_json(args.out, res)
@@ -87,7 +94,7 @@ def main():
     g = res["generated"]
     print(f"the generated images that lose their identity land on {g['wrong_ids']} identities, "
           f"{100 * g['wrong_top5']:.0f}% of them on 5; feature spread {g['spread_vs_real']:.2f} of the real images'")
-    print(f"read {args.model}, {len(train)} train images of {args.data_root}; wrote {args.out}")
+    print(f"read {args.model}, {len(train)} train images of {args.data}; wrote {args.out}")
     return res
 
 
