@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 import util
-from body import (load_body, body_forward, fit_camera, scale_camera, load_params, parse_size, procedural_poses,
+from util import parse_size
+from body import (load_body, body_forward, fit_camera, scale_camera, load_params, procedural_poses,
                   Renderer, condition_maps, write_maps, COND_KINDS, cond_path)
 
 # -----------------------------------------------------------------------------
@@ -67,20 +68,20 @@ def load_pose_bank(path, up="z"):
     if "poses" not in z.files:
         raise util.UserError(f"pose bank '{path}' has no key 'poses' (found {z.files}): expected an AMASS-style "
                                f".npz with poses of shape N x 72 (or more) in SMPL axis-angle")
-    p = np.asarray(z["poses"], dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] < 72 or len(p) == 0:
-        raise util.UserError(f"pose bank '{path}': 'poses' has shape {p.shape}, expected N x 72 (or more) "
-                               f"SMPL axis-angle")
-    body = np.concatenate([p[:, 3:66], np.zeros((len(p), 6))], 1) if p.shape[1] == 156 else p[:, 3:72]
-    betas = np.zeros((len(p), 10))
+    poses = np.asarray(z["poses"], dtype=np.float64)
+    if poses.ndim != 2 or poses.shape[1] < 72 or len(poses) == 0:
+        raise util.UserError(f"pose bank '{path}': 'poses' has shape {poses.shape}, expected N x 72 (or more) "
+                             f"SMPL axis-angle")
+    body_pose = np.concatenate([poses[:, 3:66], np.zeros((len(poses), 6))], 1) if poses.shape[1] == 156 else poses[:, 3:72]
+    betas = np.zeros((len(poses), 10))
     if "betas" in z.files:
-        b = np.asarray(z["betas"], dtype=np.float64)
-        b = np.broadcast_to(b.reshape(1, -1) if b.ndim == 1 else b, (len(p), b.shape[-1]))
-        k = min(10, b.shape[1])
-        betas[:, :k] = b[:, :k]
-    return upright(p[:, :3], up), body, betas
+        bank_betas = np.asarray(z["betas"], dtype=np.float64)
+        bank_betas = np.broadcast_to(bank_betas.reshape(1, -1) if bank_betas.ndim == 1 else bank_betas,
+                                     (len(poses), bank_betas.shape[-1]))
+        k = min(10, bank_betas.shape[1])
+        betas[:, :k] = bank_betas[:, :k]
+    return upright(poses[:, :3], up), body_pose, betas
 
-# -----------------------------------------------------------------------------
 # -----------------------------------------------------------------------------
 # the two subcommands: targets, conditions
 
@@ -89,48 +90,50 @@ def make_targets(args):
     torch.set_num_threads(1)
     size = parse_size(args.size)
     rng = np.random.default_rng(args.seed)
-    P, Q = args.num_poses, args.views_per_pose
-    if P < 1 or Q < 1:
+    num_poses, views_per_pose = args.num_poses, args.views_per_pose
+    if num_poses < 1 or views_per_pose < 1:
         raise util.UserError("--num-poses and --views-per-pose must be at least 1")
+    num_targets = num_poses * views_per_pose
     if args.pose_bank:
-        go, bp, betas = load_pose_bank(args.pose_bank, args.bank_up)
-        pick = rng.choice(len(bp), size=P, replace=len(bp) < P)
-        go, bp, betas = go[pick], bp[pick], betas[pick]
+        global_orient, body_pose, betas = load_pose_bank(args.pose_bank, args.bank_up)
+        pick = rng.choice(len(body_pose), size=num_poses, replace=len(body_pose) < num_poses)
+        global_orient, body_pose, betas = global_orient[pick], body_pose[pick], betas[pick]
         pose_ids, source = pick, f"bank:{os.path.basename(args.pose_bank)}"
-        kinds = np.array(["bank"] * P)
+        kinds = np.array(["bank"] * num_poses)
     else:
-        go, bp, kinds = procedural_poses(rng, P, args.poses)
-        betas, pose_ids, source = np.zeros((P, 10)), np.arange(P), f"procedural-{args.poses}"
-    elev, azim = sample_views(rng, P * Q, args.views)
-    rows = np.repeat(np.arange(P), Q)
+        global_orient, body_pose, kinds = procedural_poses(rng, num_poses, args.poses)
+        betas, pose_ids, source = np.zeros((num_poses, 10)), np.arange(num_poses), f"procedural-{args.poses}"
+    elev, azim = sample_views(rng, num_targets, args.views)
+    pose_of = np.repeat(np.arange(num_poses), views_per_pose)  # target row -> its pose
     model = load_body(args.smpl_model)
-    verts, joints = body_forward(model, betas, go, bp)
+    verts, joints = body_forward(model, betas, global_orient, body_pose)
     ren = Renderer(model.body_faces)
     maps_dir = os.path.join(args.out, "maps")
-    Ks, Rs, ts, ids = [], [], [], []
+    cam_K, cam_R, cam_t, ids = [], [], [], []
     try:
-        for i in tqdm(range(P * Q), desc="targets", unit="set"):
-            p = rows[i]
-            K, R, t = fit_camera(verts[p], elev[i], azim[i], size)
-            maps, _ = condition_maps(ren, verts[p], joints[p], K, R, t, size)
+        for i in tqdm(range(num_targets), desc="targets", unit="set"):
+            pose = pose_of[i]
+            K, R, t = fit_camera(verts[pose], elev[i], azim[i], size)
+            maps, _ = condition_maps(ren, verts[pose], joints[pose], K, R, t, size)
             tid = f"t{i:05d}"
             write_maps(maps_dir, tid, maps)
-            Ks.append(K), Rs.append(R), ts.append(t), ids.append(tid)
+            cam_K.append(K), cam_R.append(R), cam_t.append(t), ids.append(tid)
     finally:
         ren.delete()
     lines = ["target_id,pose_id,pose_source,pose_kind,elevation,azimuth"]
-    lines += [f"{ids[i]},{pose_ids[rows[i]]},{source},{kinds[rows[i]]},{elev[i]:.2f},{azim[i]:.2f}" for i in range(P * Q)]
+    lines += [f"{ids[i]},{pose_ids[pose_of[i]]},{source},{kinds[pose_of[i]]},{elev[i]:.2f},{azim[i]:.2f}"
+              for i in range(num_targets)]
     util.save_text(os.path.join(args.out, "targets.csv"), "\n".join(lines) + "\n")
-    util.save_npz(os.path.join(args.out, "params.npz"), target_id=np.array(ids), pose_id=pose_ids[rows],
-                    pose_kind=kinds[rows], betas=betas[rows].astype(np.float32),
-                    global_orient=go[rows].astype(np.float32), body_pose=bp[rows].astype(np.float32),
-                    elevation=elev.astype(np.float32), azimuth=azim.astype(np.float32),
-                    K=np.stack(Ks).astype(np.float32), R=np.stack(Rs).astype(np.float32),
-                    t=np.stack(ts).astype(np.float32), image_size=np.tile(size, (P * Q, 1)).astype(np.int32),
-                    model=np.array(model.source))
+    util.save_npz(os.path.join(args.out, "params.npz"), target_id=np.array(ids), pose_id=pose_ids[pose_of],
+                  pose_kind=kinds[pose_of], betas=betas[pose_of].astype(np.float32),
+                  global_orient=global_orient[pose_of].astype(np.float32), body_pose=body_pose[pose_of].astype(np.float32),
+                  elevation=elev.astype(np.float32), azimuth=azim.astype(np.float32),
+                  K=np.stack(cam_K).astype(np.float32), R=np.stack(cam_R).astype(np.float32),
+                  t=np.stack(cam_t).astype(np.float32), image_size=np.tile(size, (num_targets, 1)).astype(np.int32),
+                  model=np.array(model.source))
     print(f"read {'pose bank ' + args.pose_bank if args.pose_bank else 'procedural ' + args.poses + ' poses'}; "
-          f"wrote {P * Q} targets ({P} poses x {Q} views, {args.views} viewpoints, {size[1]}x{size[0]}) to "
-          f"{args.out}/targets.csv, params.npz, maps/ in {time.time() - t0:.1f} s")
+          f"wrote {num_targets} targets ({num_poses} poses x {views_per_pose} views, {args.views} viewpoints, "
+          f"{size[1]}x{size[0]}) to {args.out}/targets.csv, params.npz, maps/ in {time.time() - t0:.1f} s")
 
 
 def make_conditions(args):
@@ -142,18 +145,19 @@ def make_conditions(args):
     total = 0
     try:
         for split in args.splits:
-            p = load_params(os.path.join(smpl_dir, split + ".npz"))
-            names = [os.path.splitext(str(n))[0] for n in p["names"]]
+            params = load_params(os.path.join(smpl_dir, split + ".npz"))
+            names = [os.path.splitext(str(n))[0] for n in params["names"]]
             out = os.path.join(args.out, split)
-            todo = [i for i, s in enumerate(names) if args.overwrite or
-                    not all(os.path.exists(cond_path(out, s, k)) for k in COND_KINDS)]
-            verts, joints = body_forward(model, p["betas"][todo], p["global_orient"][todo], p["body_pose"][todo]) \
-                if todo else ([], [])
+            todo = [i for i, stem in enumerate(names) if args.overwrite or
+                    not all(os.path.exists(cond_path(out, stem, k)) for k in COND_KINDS)]
+            verts, joints = body_forward(model, params["betas"][todo], params["global_orient"][todo],
+                                         params["body_pose"][todo]) if todo else ([], [])
             for i, v, jt in tqdm(list(zip(todo, verts, joints)), desc=f"conditions {split}", unit="img"):
-                stored = tuple(int(x) for x in p["image_size"][i])
+                stored = tuple(int(x) for x in params["image_size"][i])
                 size = parse_size(args.size) if args.size else stored
-                K = scale_camera(p["K"][i], stored, size)
-                maps, _ = condition_maps(ren, v, jt, K, p["R"][i].astype(np.float64), p["t"][i].astype(np.float64), size)
+                K = scale_camera(params["K"][i], stored, size)
+                maps, _ = condition_maps(ren, v, jt, K, params["R"][i].astype(np.float64),
+                                         params["t"][i].astype(np.float64), size)
                 write_maps(out, names[i], maps)
             total += len(todo)
             print(f"read {smpl_dir}/{split}.npz ({len(names)} images); wrote {len(todo)} map sets to {out} "
@@ -164,19 +168,19 @@ def make_conditions(args):
 
 # -----------------------------------------------------------------------------
 
-def main():
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smpl-model", default=None, help="SMPL model file (.npz, or .pkl converted by "
                     "tools/convert_smpl_pkl.py); default: the open body assets/open_body.npz")
-    ap.add_argument("--size", default=None, help="WIDTHxHEIGHT of the maps (paper 192x384, demo 64x128)")
+    ap.add_argument("--size", default=None, help="WxH of the maps (the paper's 192x384, the demo's 64x128)")
     sub = ap.add_subparsers(dest="cmd")
 
     c = sub.add_parser("conditions", help="maps aligned to each image of a data set with smpl/<split>.npz")
-    c.add_argument("--data", default="runs/demo/world")
-    c.add_argument("--out", default="runs/demo/conditions")
-    c.add_argument("--splits", nargs="+", default=["bounding_box_train"])
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--size", dest="sub_size", default=None, help="WIDTHxHEIGHT (default: each image's own size)")
+    c.add_argument("--data", default="runs/demo/world", help="Market-1501-layout root whose images get maps")
+    c.add_argument("--out", default="runs/demo/conditions", help="conditions root: <out>/<split>/<stem>.{depth,normal,skeleton}.png")
+    c.add_argument("--splits", nargs="+", default=["bounding_box_train"], help="split folders to render")
+    c.add_argument("--overwrite", action="store_true", help="render again the map sets that exist")
+    c.add_argument("--size", dest="sub_size", default=None, help="WxH of the maps (default: each image's own size)")
     c.add_argument("--smpl", default=None, help="folder with <split>.npz (default <data>/smpl; real data: the "
                    "--out of 01b_estimate_smpl.py, so the data set folder is never written to)")
 
@@ -188,13 +192,20 @@ def main():
     t.add_argument("--bank-up", choices=["z", "y"], default="z", help="up axis of the bank's root (AMASS: z)")
     t.add_argument("--views", choices=["uniform", "train"], default="uniform",
                    help="uniform = elevation U[0,30] x azimuth U[0,360); train = like the demo train cameras")
-    t.add_argument("--num-poses", type=int, default=20)
-    t.add_argument("--views-per-pose", type=int, default=5)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--size", dest="sub_size", default=None, help="WIDTHxHEIGHT (default 192x384)")
+    t.add_argument("--num-poses", type=int, default=20, help="poses drawn")
+    t.add_argument("--views-per-pose", type=int, default=5, help="viewpoints each pose is rendered from")
+    t.add_argument("--seed", type=int, default=0, help="seeds the poses and viewpoints")
+    t.add_argument("--size", dest="sub_size", default=None, help="WxH of the maps (default 192x384, the paper's)")
     for p in (c, t):
         p.add_argument("--smpl-model", dest="sub_smpl_model", default=None, help="as the top-level --smpl-model")
-    args = ap.parse_args()
+    return ap
+
+
+def parse_args(argv=None):
+    """-> args of one subcommand (cmd: conditions or targets), the top-level --size and --smpl-model
+    merged in; no subcommand: the help, then a one-line error."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
     args.size = getattr(args, "sub_size", None) or args.size
     args.smpl_model = getattr(args, "sub_smpl_model", None) or args.smpl_model
     if args.cmd is None:
@@ -202,6 +213,12 @@ def main():
         raise util.UserError("give a subcommand: conditions or targets (the demo world: demo/world.py)")
     if args.cmd == "targets":
         args.size = args.size or "192x384"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.cmd == "targets":
         return make_targets(args)
     make_conditions(args)
 
