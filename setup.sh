@@ -28,4 +28,7 @@ if [ ! -f "$DIFFID_VENV/.complete" ]; then
 fi
 source "$DIFFID_VENV/bin/activate"
 export PYOPENGL_PLATFORM="${PYOPENGL_PLATFORM:-osmesa}"
+# torch's OpenMP threads sleep when idle instead of spinning: with another busy process on the
+# same cores, spinning threads steal each other's time and a training step slows many times over
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 set +e
