@@ -29,10 +29,10 @@ from body import (COCO17_TO_OPENPOSE18, OPENPOSE18_SMPL, SMPL_JOINTS, load_body,
                   project, viewpoint, load_params)
 
 DEFAULT_VITPOSE = "usyd-community/vitpose-base-simple"
-# focal length / image height of the fit's camera: the demo world's median (4.43; = FILL * CAM_DISTANCE
-# / 1.66 m, a person filling the crop seen from 8 m). With a person-filling crop only focal/distance
-# is observable; fixing the focal like the world does puts the camera at ~8 m with the world's mild
-# perspective, which is what the (weak) elevation cue lives on.
+# focal length / image height of the fit's camera: the demo world's median (FILL * CAM_DISTANCE / the
+# body's height: a person filling the crop seen from CAM_DISTANCE). With a person-filling crop only
+# focal/distance is observable; fixing the focal like the world does puts the camera at the world's
+# distance with its mild perspective, which is what the (weak) elevation cue lives on.
 FOCAL = 4.4
 # loss weights, against a reprojection error measured in 1% of the image height: pose prior from W_POSE
 # annealed to W_POSE * W_END, betas, spine/neck/collar joints (x the L2), elevation prior. Tuned on
@@ -93,14 +93,14 @@ def vitpose_keypoints(proc, model, images, device):
 def run_keypoints(args):
     from PIL import Image
     t0 = time.time()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = util.pick_device(args.device)
     proc, model = load_vitpose(args.model, device)
-    print(f"ViTPose '{args.model}' on {device}, batch {args.batch}")
+    print(f"ViTPose '{args.model}' on {device}, batch {args.batch_size}")
     for split in args.splits:
         folder, names = image_list(args.data, split)
         kps, sizes = [], []
-        for s in tqdm(range(0, len(names), args.batch), desc=f"keypoints {split}", unit="batch"):
-            ims = [Image.open(os.path.join(folder, n)).convert("RGB") for n in names[s:s + args.batch]]
+        for start in tqdm(range(0, len(names), args.batch_size), desc=f"keypoints {split}", unit="batch"):
+            ims = [Image.open(os.path.join(folder, n)).convert("RGB") for n in names[start:start + args.batch_size]]
             kps.append(vitpose_keypoints(proc, model, ims, device))
             sizes += [(im.height, im.width) for im in ims]
         path = os.path.join(args.out, f"{split}.keypoints.npz")
@@ -116,23 +116,23 @@ def run_keypoints(args):
 def keypoint_body(model):
     """SMPL reduced to what COCO keypoints see, for smplx's own lbs(): the 24 joints as 'vertices'
     (J_regressor @ template and its shape directions; J_regressor becomes the identity) + the 5 face
-    vertices. Same joints as the full model, ~500x fewer points to skin."""
-    vid = model.vertex_joint_selector.extra_joints_idxs[:5]  # nose, r_eye, l_eye, r_ear, l_ear
-    Jr = model.J_regressor
-    P = model.posedirs.shape[0]
-    pd = model.posedirs.view(P, -1, 3)[:, vid]
-    return dict(v_template=torch.cat([Jr @ model.v_template, model.v_template[vid]]),
-                shapedirs=torch.cat([torch.einsum("jv,vcb->jcb", Jr, model.shapedirs), model.shapedirs[vid]]),
-                posedirs=torch.cat([torch.zeros(P, 24, 3), pd], 1).reshape(P, -1),
+    vertices. Same joints as the full model, a small fraction of the points to skin."""
+    face = model.vertex_joint_selector.extra_joints_idxs[:5]  # nose, r_eye, l_eye, r_ear, l_ear
+    regressor = model.J_regressor
+    n_pose_features = model.posedirs.shape[0]
+    face_posedirs = model.posedirs.view(n_pose_features, -1, 3)[:, face]
+    return dict(v_template=torch.cat([regressor @ model.v_template, model.v_template[face]]),
+                shapedirs=torch.cat([torch.einsum("jv,vcb->jcb", regressor, model.shapedirs), model.shapedirs[face]]),
+                posedirs=torch.cat([torch.zeros(n_pose_features, 24, 3), face_posedirs], 1).reshape(n_pose_features, -1),
                 J_regressor=torch.cat([torch.eye(24), torch.zeros(24, 5)], 1),
-                parents=model.parents, lbs_weights=torch.cat([torch.eye(24), model.lbs_weights[vid]]))
+                parents=model.parents, lbs_weights=torch.cat([torch.eye(24), model.lbs_weights[face]]))
 
 
-def body_points(kb, betas, go, bp):
+def body_points(keypoint_model, betas, global_orient, body_pose):
     """(M,29,3): the 24 SMPL joints + 5 face points (indices as OPENPOSE18_SMPL)."""
     import smplx
-    v, j = smplx.lbs.lbs(betas, torch.cat([go, bp], 1), **kb)
-    return torch.cat([j, v[:, 24:]], 1)
+    verts, joints = smplx.lbs.lbs(betas, torch.cat([global_orient, body_pose], 1), **keypoint_model)
+    return torch.cat([joints, verts[:, 24:]], 1)
 
 
 def rotmat(rv):
@@ -147,7 +147,7 @@ def rotvec(R):
 
 
 # the prior's centre: arms hanging (the T-pose of the model file is no pose a person stands in);
-# centred on zero instead, the fit twists the body ~25 degrees to keep the arms up
+# centred on zero instead, the fit twists the body to keep the arms up
 REST = torch.zeros(69)
 REST[jidx("l_shoulder", 2)], REST[jidx("r_shoulder", 2)] = -1.2, 1.2
 POSE_W = torch.ones(69)
@@ -159,78 +159,80 @@ for _n in ("spine1", "spine2", "spine3", "neck", "l_collar", "r_collar"):
     POSE_W[jidx(_n, 0):jidx(_n, 0) + 3] = W_SPINE
 
 
-def pose_prior(bp):
+def pose_prior(body_pose):
     """Priors that need no downloaded file: L2 on the free joints (stronger on the axes a knee or an
     elbow cannot turn about), and SMPLify's bending penalty on knees and elbows that bend backwards."""
-    l2 = (bp - REST.to(bp.device)).square()
-    hinge = lambda i, sign: torch.relu(sign * bp[:, i]).square()
+    l2 = (body_pose - REST.to(body_pose.device)).square()
+    hinge = lambda i, sign: torch.relu(sign * body_pose[:, i]).square()
     bend = (hinge(jidx("l_knee", 0), -1) + hinge(jidx("r_knee", 0), -1) +     # knee x > 0 = flex
             hinge(jidx("l_elbow", 1), 1) + hinge(jidx("r_elbow", 1), -1))     # l y < 0 / r y > 0 = flex
     return (l2 * POSE_W).sum(1) + 10.0 * bend
 
 
-def fit_smpl(kb, kp, conf, focal=FOCAL, inits=8, keep=2, steps=(40, 120), elevation0=10.0, elevation_prior=(15.0, 10.0),
-             lr=0.05, device="cpu"):
+def fit_smpl(keypoint_model, kp, conf, focal=FOCAL, inits=8, keep=2, steps=(40, 120), elevation0=10.0,
+             elevation_prior=(15.0, 10.0), lr=0.05, device="cpu"):
     """Batched SMPLify-style fit. kp (N,17,2) COCO-17 keypoints in units of the image height with the
     origin at the image centre, conf (N,17) weights (0 = unseen). The camera is at the origin looking
     along +z with focal `focal` (same units); the body is placed by global_orient + translation.
     Every image starts from `inits` orientations (cameras around the body at elevation0, like
-    look_at) and the lowest final loss wins.
-    -> dict go (N,3), bp (N,69), betas (N,10), t (N,3), loss (N,), pts (N,29,3) camera frame."""
-    N, I = len(kp), inits
-    kb = {k: v.to(device) for k, v in kb.items()}
-    kp = torch.as_tensor(kp, dtype=torch.float32, device=device).repeat_interleave(I, 0)
-    w = torch.as_tensor(conf, dtype=torch.float32, device=device).repeat_interleave(I, 0)
-    w = w / w.sum(1, keepdim=True).clamp(min=1e-6)
-    M = N * I
-    go0 = np.stack([rotvec(look_at(elevation0, a, np.zeros(3))[0]) for a in np.arange(I) * 360.0 / I])
-    go = torch.tensor(np.tile(go0, (N, 1)), dtype=torch.float32, device=device)
-    bp = REST.to(device).repeat(M, 1)  # start from the prior's centre
-    betas = torch.zeros(M, kb["shapedirs"].shape[-1], device=device)
+    look_at) and the lowest final loss wins. steps: Adam steps of (orientation-only, full) fits.
+    -> dict global_orient (N,3), body_pose (N,69), betas (N,10), t (N,3), loss (N,), pts (N,29,3) camera frame."""
+    num_images = len(kp)
+    keypoint_model = {k: v.to(device) for k, v in keypoint_model.items()}
+    kp = torch.as_tensor(kp, dtype=torch.float32, device=device).repeat_interleave(inits, 0)
+    kp_weight = torch.as_tensor(conf, dtype=torch.float32, device=device).repeat_interleave(inits, 0)
+    kp_weight = kp_weight / kp_weight.sum(1, keepdim=True).clamp(min=1e-6)
+    num_starts = num_images * inits
+    start_orients = np.stack([rotvec(look_at(elevation0, a, np.zeros(3))[0]) for a in np.arange(inits) * 360.0 / inits])
+    global_orient = torch.tensor(np.tile(start_orients, (num_images, 1)), dtype=torch.float32, device=device)
+    body_pose = REST.to(device).repeat(num_starts, 1)  # start from the prior's centre
+    betas = torch.zeros(num_starts, keypoint_model["shapedirs"].shape[-1], device=device)
     free = torch.zeros(69, device=device)
     for n in FREE:
         free[jidx(n, 0):jidx(n, 0) + 3] = 1
     coco = torch.tensor(COCO_SMPL, device=device)
     with torch.no_grad():  # translation: match the keypoints' weighted centre and spread
-        P = body_points(kb, betas, go, bp)[:, coco]
-        mean = lambda x: (w[..., None] * x).sum(1)
-        m2, m3 = mean(kp), mean(P)
-        s2 = mean((kp - m2[:, None]).square()).sum(1).sqrt().clamp(min=1e-3)
-        s3 = mean((P[..., :2] - m3[:, None, :2]).square()).sum(1).sqrt()
-        tz = focal * s3 / s2 - m3[:, 2]
-        t = torch.cat([m2 * (tz + m3[:, 2])[:, None] / focal - m3[:, :2], tz[:, None]], 1)
-    go, bp, betas, t = (x.clone().requires_grad_(True) for x in (go, bp, betas, t))
+        points = body_points(keypoint_model, betas, global_orient, body_pose)[:, coco]
+        mean = lambda x: (kp_weight[..., None] * x).sum(1)
+        centre_2d, centre_3d = mean(kp), mean(points)
+        spread_2d = mean((kp - centre_2d[:, None]).square()).sum(1).sqrt().clamp(min=1e-3)
+        spread_3d = mean((points[..., :2] - centre_3d[:, None, :2]).square()).sum(1).sqrt()
+        depth = focal * spread_3d / spread_2d - centre_3d[:, 2]
+        t = torch.cat([centre_2d * (depth + centre_3d[:, 2])[:, None] / focal - centre_3d[:, :2], depth[:, None]], 1)
+    global_orient, body_pose, betas, t = (x.clone().requires_grad_(True) for x in (global_orient, body_pose, betas, t))
     elev_mean, elev_sd = np.radians(elevation_prior[0]), np.radians(elevation_prior[1])
-    unit = 0.01  # reprojection error in units of 1% of the image height (~1.3 px at 128)
+    unit = 0.01  # reprojection error in units of 1% of the image height
 
     def losses(frac):
-        pts = body_points(kb, betas, go, bp * free) + t[:, None]  # camera frame
+        pts = body_points(keypoint_model, betas, global_orient, body_pose * free) + t[:, None]  # camera frame
         x = pts[:, coco]
         uv = focal * x[..., :2] / x[..., 2:].clamp(min=0.1)
-        e2 = (uv - kp).square().sum(-1) / unit ** 2
-        data = (w * (e2 / (1 + e2 / 100.0))).sum(1)  # Geman-McClure: robust beyond ~10% of the height
-        wp = W_POSE * (W_END ** frac)  # priors annealed from strong to weak, as SMPLify does
-        # viewpoint prior: the camera's elevation seen from the body, sin(el) = body up . direction
+        err2 = (uv - kp).square().sum(-1) / unit ** 2
+        data = (kp_weight * (err2 / (1 + err2 / 100.0))).sum(1)  # Geman-McClure: robust beyond 10% of the height
+        w_pose = W_POSE * (W_END ** frac)  # priors annealed from strong to weak, as SMPLify does
+        # viewpoint prior: the camera's elevation seen from the body, sin(elev) = body up . direction
         # to the camera; weak, because 2D keypoints barely show it (docs/estimate.md)
-        up = rotmat(go)[:, :, 1]
+        up = rotmat(global_orient)[:, :, 1]
         to_cam = -pts[:, 0] / pts[:, 0].norm(dim=1, keepdim=True)
-        el = torch.asin((up * to_cam).sum(1).clamp(-1, 1))
-        view = W_EL * ((el - elev_mean) / elev_sd).square() if elev_sd > 0 else 0.0
-        return data + wp * pose_prior(bp * free) + W_BETAS * betas.square().sum(1) + view, pts
+        elev = torch.asin((up * to_cam).sum(1).clamp(-1, 1))
+        view = W_EL * ((elev - elev_mean) / elev_sd).square() if elev_sd > 0 else 0.0
+        return data + w_pose * pose_prior(body_pose * free) + W_BETAS * betas.square().sum(1) + view, pts
 
     # stage 1: orientation + translation from every start; the best `keep` starts per image go on to
     # stage 2, everything (a wrong front/back start is already far behind after stage 1)
-    opt = torch.optim.Adam([go, t], lr=lr)
+    opt = torch.optim.Adam([global_orient, t], lr=lr)
     for i in range(steps[0]):
         loss, _ = losses(0.0)
         opt.zero_grad()
         loss.sum().backward()
         opt.step()
-    k = min(keep, I)
+    kept_per_image = min(keep, inits)
     with torch.no_grad():
-        sel = (loss.view(N, I).topk(k, 1, largest=False).indices + torch.arange(N, device=device)[:, None] * I).ravel()
-    go, bp, betas, t, kp, w = (x.detach()[sel].clone().requires_grad_(x.requires_grad) for x in (go, bp, betas, t, kp, w))
-    opt = torch.optim.Adam([go, bp, betas, t], lr=lr)
+        first_start = torch.arange(num_images, device=device)[:, None] * inits
+        kept = (loss.view(num_images, inits).topk(kept_per_image, 1, largest=False).indices + first_start).ravel()
+    global_orient, body_pose, betas, t, kp, kp_weight = (x.detach()[kept].clone().requires_grad_(x.requires_grad)
+                                                         for x in (global_orient, body_pose, betas, t, kp, kp_weight))
+    opt = torch.optim.Adam([global_orient, body_pose, betas, t], lr=lr)
     for i in range(steps[1]):
         loss, _ = losses(i / max(1, steps[1] - 1))
         opt.zero_grad()
@@ -238,31 +240,33 @@ def fit_smpl(kb, kp, conf, focal=FOCAL, inits=8, keep=2, steps=(40, 120), elevat
         opt.step()
     with torch.no_grad():
         loss, pts = losses(1.0)
-        best = loss.view(N, k).argmin(1) + torch.arange(N, device=device) * k
+        best = loss.view(num_images, kept_per_image).argmin(1) + torch.arange(num_images, device=device) * kept_per_image
         pick = lambda x: x.detach()[best].cpu().numpy().astype(np.float64)
-        return dict(go=pick(go), bp=pick(bp * free), betas=pick(betas), t=pick(t), loss=pick(loss), pts=pick(pts))
+        return dict(global_orient=pick(global_orient), body_pose=pick(body_pose * free), betas=pick(betas), t=pick(t),
+                    loss=pick(loss), pts=pick(pts))
 
 
-def to_sidecar(kb, go, bp, betas, t_cam, K):
-    """A body placed in the camera frame (global_orient go, translation t_cam, camera R = I) ->
+def to_sidecar(keypoint_model, global_orient, body_pose, betas, t_cam, K):
+    """A body placed in the camera frame (root rotation global_orient, translation t_cam, camera R = I) ->
     the world's convention: global_orient 0 (upright canonical body), the root rotation folded
     into the camera R, and the viewpoint (elevation, azimuth) of that camera from the body centre.
-    SMPL rotates the root about the rest pelvis J0: X(go) = Rg (X(0) - J0) + J0, so
+    SMPL rotates the root about the rest pelvis J0: X(global_orient) = Rg (X(0) - J0) + J0, so
     x_cam = Rg X(0) + (t_cam + J0 - Rg J0)."""
     from scipy.spatial.transform import Rotation
-    Rg = Rotation.from_rotvec(go).as_matrix()
+    Rg = Rotation.from_rotvec(global_orient).as_matrix()
     with torch.no_grad():
         f = lambda a: torch.as_tensor(a, dtype=torch.float32)
-        pts = body_points(kb, f(betas), torch.zeros(len(go), 3), f(bp)).numpy().astype(np.float64)
+        pts = body_points(keypoint_model, f(betas), torch.zeros(len(global_orient), 3), f(body_pose))
+        pts = pts.numpy().astype(np.float64)
     J0 = pts[:, 0]
     t = t_cam + J0 - np.einsum("nij,nj->ni", Rg, J0)
     centre = 0.5 * (pts.min(1) + pts.max(1))  # like the world: the middle of the body's box
     elev, azim = viewpoint(Rg, t, centre)
-    return dict(global_orient=np.zeros_like(go), body_pose=bp, betas=betas, R=Rg, t=t, K=K,
+    return dict(global_orient=np.zeros_like(global_orient), body_pose=body_pose, betas=betas, R=Rg, t=t, K=K,
                 elevation=elev, azimuth=azim)
 
 
-def fit_keypoints(kb, names, kp, image_size, args, device):
+def fit_keypoints(keypoint_model, names, kp, image_size, args, device):
     """COCO-17 [x, y, score] in pixels -> sidecar dict (fitted rows only) + names of skipped images."""
     H, W = image_size[:, 0].astype(np.float64), image_size[:, 1].astype(np.float64)
     conf = np.where(kp[..., 2] >= args.min_score, kp[..., 2], 0.0)
@@ -273,54 +277,56 @@ def fit_keypoints(kb, names, kp, image_size, args, device):
         raise util.UserError(f"no image has {args.min_keypoints} keypoints with score >= {args.min_score}: nothing to fit")
     res = []
     t0 = time.time()
-    for s in tqdm(range(0, len(idx), args.batch), desc="fit", unit="batch"):
-        b = idx[s:s + args.batch]
-        res.append(fit_smpl(kb, norm[b], conf[b], focal=args.focal, inits=args.inits, steps=(args.steps // 4, args.steps),
-                            elevation0=args.init_elevation, elevation_prior=args.elevation_prior, device=device))
+    for start in tqdm(range(0, len(idx), args.batch_size), desc="fit", unit="batch"):
+        batch = idx[start:start + args.batch_size]
+        res.append(fit_smpl(keypoint_model, norm[batch], conf[batch], focal=args.focal, inits=args.inits,
+                            steps=(args.steps // 4, args.steps), elevation0=args.init_elevation,
+                            elevation_prior=args.elevation_prior, device=device))
     dt = time.time() - t0
-    cat = {k: np.concatenate([r[k] for r in res]) for k in ("go", "bp", "betas", "t", "loss")}
-    f = args.focal * H[idx]
+    cat = {k: np.concatenate([r[k] for r in res]) for k in ("global_orient", "body_pose", "betas", "t", "loss")}
+    focal_px = args.focal * H[idx]
     K = np.zeros((len(idx), 3, 3))
-    K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = f, f, W[idx] / 2, H[idx] / 2, 1
-    out = to_sidecar(kb, cat["go"], cat["bp"], cat["betas"], cat["t"], K)
+    K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = focal_px, focal_px, W[idx] / 2, H[idx] / 2, 1
+    out = to_sidecar(keypoint_model, cat["global_orient"], cat["body_pose"], cat["betas"], cat["t"], K)
     out["names"] = np.asarray(names)[idx]
     out["image_size"] = image_size[idx].astype(np.int32)
     out["keypoints"] = kp[idx].astype(np.float32)
-    out["reproj_px"] = reprojection_px(kb, out, kp[idx], conf[idx])
+    out["reproj_px"] = reprojection_px(keypoint_model, out, kp[idx], conf[idx])
     skipped = [str(n) for n in np.asarray(names)[~ok]]
     return out, skipped, dt
 
 
-def reprojection_px(kb, p, kp, conf):
+def reprojection_px(keypoint_model, params, kp, conf):
     """Per image: mean pixel distance between the fitted body's projected COCO keypoints and the
     input keypoints (confident ones), with the sidecar's own camera."""
     with torch.no_grad():
         f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)
-        pts = body_points(kb, f(p["betas"]), f(p["global_orient"]), f(p["body_pose"])).numpy()[:, COCO_SMPL]
-    xc = np.einsum("nij,nkj->nki", p["R"], pts) + p["t"][:, None]
-    uv = np.einsum("nij,nkj->nki", p["K"], xc)
+        pts = body_points(keypoint_model, f(params["betas"]), f(params["global_orient"]), f(params["body_pose"]))
+        pts = pts.numpy()[:, COCO_SMPL]
+    xc = np.einsum("nij,nkj->nki", params["R"], pts) + params["t"][:, None]
+    uv = np.einsum("nij,nkj->nki", params["K"], xc)
     uv = uv[..., :2] / uv[..., 2:]
     e = np.linalg.norm(uv - kp[..., :2], axis=-1)
     return ((e * (conf > 0)).sum(1) / np.maximum((conf > 0).sum(1), 1)).astype(np.float32)
 
 
-def save_sidecar(path, p, skipped, model_name):
+def save_sidecar(path, params, skipped, model_name):
     keys = ("names", "betas", "global_orient", "body_pose", "elevation", "azimuth", "K", "R", "t", "image_size")
-    extra = {k: p[k] for k in ("keypoints", "reproj_px") if k in p}
-    util.save_npz(path, **{k: np.asarray(p[k]).astype(np.float32) if k not in ("names", "image_size") else p[k]
-                             for k in keys}, **extra, skipped=np.array(skipped, dtype=str), model=np.array(model_name))
+    extra = {k: params[k] for k in ("keypoints", "reproj_px") if k in params}
+    util.save_npz(path, **{k: np.asarray(params[k]).astype(np.float32) if k not in ("names", "image_size") else params[k]
+                           for k in keys}, **extra, skipped=np.array(skipped, dtype=str), model=np.array(model_name))
 
 
 def fit_setup(args):
     """What `fit` and `evaluate` both start with: threads, device, the body and its keypoint model."""
     torch.set_num_threads(args.threads)
     body = load_body(args.smpl_model)
-    return ("cuda" if torch.cuda.is_available() else "cpu"), body, keypoint_body(body)
+    return util.pick_device(args.device), body, keypoint_body(body)
 
 
 def run_fit(args):
     t0 = time.time()
-    device, body, kb = fit_setup(args)
+    device, body, keypoint_model = fit_setup(args)
     for split in args.splits:
         kpath = args.keypoints or os.path.join(args.out, f"{split}.keypoints.npz")
         if not os.path.exists(kpath):
@@ -330,13 +336,13 @@ def run_fit(args):
                 raise util.UserError(f"'{kpath}' is not a keypoint file: expected names, keypoints (N,17,3) "
                                        f"COCO-17 [x, y, score], image_size (N,2)")
             names, kp, size = z["names"], z["keypoints"].astype(np.float64), z["image_size"]
-        out, skipped, dt = fit_keypoints(kb, names, kp, size, args, device)
+        out, skipped, dt = fit_keypoints(keypoint_model, names, kp, size, args, device)
         path = os.path.join(args.out, f"{split}.npz")
         save_sidecar(path, out, skipped, body.source)
         print(f"read {kpath} ({len(names)} images); wrote {path}: {len(out['names'])} fitted, {len(skipped)} skipped "
               f"(fewer than {args.min_keypoints} keypoints with score >= {args.min_score}); median reprojection "
               f"{np.median(out['reproj_px']):.2f} px; {len(out['names']) / dt:.1f} images/s on {device}, batch "
-              f"{args.batch} x {args.inits} starts")
+              f"{args.batch_size} x {args.inits} starts")
     print(f"fit: {time.time() - t0:.1f} s")
 
 # -----------------------------------------------------------------------------
@@ -358,49 +364,52 @@ def as_axis_angle(a, joints, what):
 
 def run_import(args):
     body = load_body(args.smpl_model)
-    kb = keypoint_body(body)
+    keypoint_model = keypoint_body(body)
     if not os.path.exists(args.params):
         raise util.UserError(f"parameter file '{args.params}' not found")
     try:
         with np.load(args.params, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
+            given = {k: z[k] for k in z.files}
     except Exception as e:
         raise util.UserError(f"'{args.params}' is not a readable .npz file ({type(e).__name__})")
-    need = [k for k in ("names", "global_orient", "body_pose", "image_size") if k not in d]
-    cam = "K" in d and "R" in d and "t" in d
-    if not cam and not ("focal_length" in d and "cam_t" in d):
+    need = [k for k in ("names", "global_orient", "body_pose", "image_size") if k not in given]
+    cam = "K" in given and "R" in given and "t" in given
+    if not cam and not ("focal_length" in given and "cam_t" in given):
         need.append("focal_length + cam_t (or K, R, t)")
     if need:
         raise util.UserError(f"'{args.params}' lacks {need}: see docs/estimate.md for the format")
-    n = len(d["names"])
-    go = as_axis_angle(d["global_orient"], 1, "global_orient")
-    bp = as_axis_angle(d["body_pose"], 23, "body_pose")
+    n = len(given["names"])
+    global_orient = as_axis_angle(given["global_orient"], 1, "global_orient")
+    body_pose = as_axis_angle(given["body_pose"], 23, "body_pose")
     betas = np.zeros((n, 10))
-    if "betas" in d:
-        b = np.asarray(d["betas"], np.float64).reshape(n, -1)
-        betas[:, :min(10, b.shape[1])] = b[:, :10]
-    size = np.asarray(d["image_size"]).reshape(n, 2).astype(np.int32)
+    if "betas" in given:
+        given_betas = np.asarray(given["betas"], np.float64).reshape(n, -1)
+        betas[:, :min(10, given_betas.shape[1])] = given_betas[:, :10]
+    size = np.asarray(given["image_size"]).reshape(n, 2).astype(np.int32)
     H, W = size[:, 0].astype(np.float64), size[:, 1].astype(np.float64)
     if cam:  # our convention already: the root rotation of the body goes into the camera the same way
         from scipy.spatial.transform import Rotation
-        R, t = np.asarray(d["R"], np.float64), np.asarray(d["t"], np.float64)
-        go = rotvec(R @ Rotation.from_rotvec(go).as_matrix())
+        R, t = np.asarray(given["R"], np.float64), np.asarray(given["t"], np.float64)
+        global_orient = rotvec(R @ Rotation.from_rotvec(global_orient).as_matrix())
         with torch.no_grad():
-            J0 = body_points(kb, torch.as_tensor(betas, dtype=torch.float32), torch.zeros(n, 3),
+            J0 = body_points(keypoint_model, torch.as_tensor(betas, dtype=torch.float32), torch.zeros(n, 3),
                              torch.zeros(n, 69)).numpy()[:, 0].astype(np.float64)
-        t_cam = t + np.einsum("nij,nj->ni", R, J0) - J0  # X(go_old) camera frame = R X + t; re-root at J0
-        K = np.asarray(d["K"], np.float64)
+        # the body at the given global_orient is R X + t in the camera frame; re-root it at J0
+        t_cam = t + np.einsum("nij,nj->ni", R, J0) - J0
+        K = np.asarray(given["K"], np.float64)
     else:
-        f = np.broadcast_to(np.asarray(d["focal_length"], np.float64).reshape(-1, 1) if np.ndim(d["focal_length"])
-                            else np.full((n, 1), float(d["focal_length"])), (n, 1))[:, 0]
-        pp = np.asarray(d["principal_point"], np.float64) if "principal_point" in d else np.stack([W / 2, H / 2], 1)
+        focal = given["focal_length"]
+        focal_px = np.broadcast_to(np.asarray(focal, np.float64).reshape(-1, 1) if np.ndim(focal)
+                                   else np.full((n, 1), float(focal)), (n, 1))[:, 0]
+        principal = (np.asarray(given["principal_point"], np.float64) if "principal_point" in given
+                     else np.stack([W / 2, H / 2], 1))
         K = np.zeros((n, 3, 3))
-        K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = f, f, pp[:, 0], pp[:, 1], 1
-        t_cam = np.asarray(d["cam_t"], np.float64).reshape(n, 3)
-    out = to_sidecar(kb, go, bp, betas, t_cam, K)
-    order = np.argsort(d["names"])
+        K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = focal_px, focal_px, principal[:, 0], principal[:, 1], 1
+        t_cam = np.asarray(given["cam_t"], np.float64).reshape(n, 3)
+    out = to_sidecar(keypoint_model, global_orient, body_pose, betas, t_cam, K)
+    order = np.argsort(given["names"])
     out = {k: v[order] for k, v in out.items()}
-    out["names"], out["image_size"] = np.asarray(d["names"])[order], size[order]
+    out["names"], out["image_size"] = np.asarray(given["names"])[order], size[order]
     path = os.path.join(args.out, f"{args.split}.npz")
     save_sidecar(path, out, [], body.source)
     print(f"read {args.params} ({n} images, camera {'K,R,t' if cam else 'focal_length + cam_t'}); wrote {path}")
@@ -409,34 +418,35 @@ def run_import(args):
 # evaluation on the demo world, where the truth is known
 
 
-def truth_keypoints(body, p):
+def truth_keypoints(body, params):
     """The world's SMPL keypoints projected with its camera -> (N,17,3) COCO [x, y, 1 or 0]. A face
     point counts as unseen (score 0) when it is farther from the camera than the head joint: a
     detector does not see the nose from behind."""
-    _, J = body_forward(body, p["betas"], p["global_orient"], p["body_pose"])
+    _, J = body_forward(body, params["betas"], params["global_orient"], params["body_pose"])
     X = np.concatenate([J[:, :24], J[:, 24:29]], 1)[:, COCO_SMPL]
     kp = np.zeros((len(X), 17, 3))
     for i in range(len(X)):
-        uv, z = project(X[i], p["K"][i].astype(np.float64), p["R"][i].astype(np.float64),
-                               p["t"][i].astype(np.float64))
-        _, zh = project(J[i, 15:16], p["K"][i], p["R"][i], p["t"][i])
+        uv, z = project(X[i], params["K"][i].astype(np.float64), params["R"][i].astype(np.float64),
+                        params["t"][i].astype(np.float64))
+        _, zh = project(J[i, 15:16], params["K"][i], params["R"][i], params["t"][i])
         kp[i, :, :2] = uv
         kp[i, :, 2] = 1.0
         kp[i, :5, 2] = (z[:5] <= zh[0] + 0.02).astype(float)
     return kp
 
 
-def body_relative_view(kb, p):
+def body_relative_view(keypoint_model, params):
     """The truth's viewpoint in the body's own frame (the world samples it in the world frame, and
     its bodies carry a small root tilt and heading): the same fold as to_sidecar."""
     from scipy.spatial.transform import Rotation
-    Rw = p["R"].astype(np.float64)
-    Rg = np.einsum("nij,njk->nik", Rw, Rotation.from_rotvec(p["global_orient"].astype(np.float64)).as_matrix())
+    Rw = params["R"].astype(np.float64)
+    Rg = np.einsum("nij,njk->nik", Rw, Rotation.from_rotvec(params["global_orient"].astype(np.float64)).as_matrix())
     with torch.no_grad():
         f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)
-        pts = body_points(kb, f(p["betas"]), torch.zeros(len(Rg), 3), f(p["body_pose"])).numpy().astype(np.float64)
+        pts = body_points(keypoint_model, f(params["betas"]), torch.zeros(len(Rg), 3), f(params["body_pose"]))
+        pts = pts.numpy().astype(np.float64)
     J0 = pts[:, 0]
-    t = p["t"].astype(np.float64) + np.einsum("nij,nj->ni", Rw, J0) - np.einsum("nij,nj->ni", Rg, J0)
+    t = params["t"].astype(np.float64) + np.einsum("nij,nj->ni", Rw, J0) - np.einsum("nij,nj->ni", Rg, J0)
     return viewpoint(Rg, t, 0.5 * (pts.min(1) + pts.max(1)))
 
 
@@ -444,34 +454,35 @@ def angle_diff(a, b):
     return np.abs((np.asarray(a) - np.asarray(b) + 180) % 360 - 180)
 
 
-def evaluate_split(body, kb, p, noise, args, device, rng):
+def evaluate_split(body, keypoint_model, params, noise, args, device, rng):
     """Fit from the truth's projected keypoints (+ Gaussian pixel noise) -> dict of median errors."""
-    kp = truth_keypoints(body, p)
+    kp = truth_keypoints(body, params)
     kp[..., :2] += rng.normal(0, noise, kp[..., :2].shape) if noise > 0 else 0
-    out, skipped, dt = fit_keypoints(kb, p["names"], kp, p["image_size"], args, device)
-    e_rel, a_rel = body_relative_view(kb, p)
+    out, skipped, dt = fit_keypoints(keypoint_model, params["names"], kp, params["image_size"], args, device)
+    e_rel, a_rel = body_relative_view(keypoint_model, params)
     return dict(n=len(out["names"]), skipped=len(skipped), images_per_s=len(out["names"]) / dt,
-                elev_err=float(np.median(np.abs(out["elevation"] - p["elevation"]))),
-                azim_err=float(np.median(angle_diff(out["azimuth"], p["azimuth"]))),
+                elev_err=float(np.median(np.abs(out["elevation"] - params["elevation"]))),
+                azim_err=float(np.median(angle_diff(out["azimuth"], params["azimuth"]))),
                 elev_err_body=float(np.median(np.abs(out["elevation"] - e_rel))),
                 azim_err_body=float(np.median(angle_diff(out["azimuth"], a_rel))),
-                azim_within_45=float(np.mean(angle_diff(out["azimuth"], p["azimuth"]) <= 45)),
-                elev_baseline=float(np.median(np.abs(args.elevation_prior[0] - p["elevation"]))),
+                azim_within_45=float(np.mean(angle_diff(out["azimuth"], params["azimuth"]) <= 45)),
+                elev_baseline=float(np.median(np.abs(args.elevation_prior[0] - params["elevation"]))),
                 reproj_px=float(np.median(out["reproj_px"])))
 
 
 def run_evaluate(args):
     t0 = time.time()
-    device, body, kb = fit_setup(args)
+    device, body, keypoint_model = fit_setup(args)
     rows = []
     for split in args.splits:
-        p = load_params(os.path.join(args.world, split.replace("shifted/", "shifted/smpl/")
+        params = load_params(os.path.join(args.world, split.replace("shifted/", "shifted/smpl/")
                                             if split.startswith("shifted/") else os.path.join("smpl", split)) + ".npz")
-        if args.max_images and len(p["names"]) > args.max_images:
-            keep = np.random.default_rng(0).choice(len(p["names"]), args.max_images, replace=False)
-            p = {k: (v[np.sort(keep)] if np.ndim(v) and len(v) == len(p["names"]) else v) for k, v in p.items()}
+        if args.max_images and len(params["names"]) > args.max_images:
+            keep = np.random.default_rng(0).choice(len(params["names"]), args.max_images, replace=False)
+            params = {k: (v[np.sort(keep)] if np.ndim(v) and len(v) == len(params["names"]) else v)
+                      for k, v in params.items()}
         for noise in args.noise:
-            r = evaluate_split(body, kb, p, noise, args, device, np.random.default_rng(args.seed))
+            r = evaluate_split(body, keypoint_model, params, noise, args, device, np.random.default_rng(args.seed))
             rows.append(dict(split=split, noise_px=noise, **r))
             print(f"{split:28s} noise {noise:4.1f} px: {r['n']} images, median |elevation error| {r['elev_err']:.1f} deg "
                   f"(body frame {r['elev_err_body']:.1f}; the constant {args.elevation_prior[0]:g} deg would give "
@@ -487,22 +498,25 @@ def run_evaluate(args):
 # -----------------------------------------------------------------------------
 
 
-def main():
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
 
     k = sub.add_parser("keypoints", help="COCO-17 keypoints of every image with ViTPose (transformers)")
     k.add_argument("--data", required=True, help="Market-1501-layout root")
-    k.add_argument("--splits", nargs="+", default=["bounding_box_train"])
+    k.add_argument("--splits", nargs="+", default=["bounding_box_train"], help="split folders whose images get keypoints")
     k.add_argument("--out", required=True, help="writes <out>/<split>.keypoints.npz (e.g. runs/market1501/smpl)")
     k.add_argument("--model", default=DEFAULT_VITPOSE, help="hub id or local folder of a COCO-17 ViTPose checkpoint")
-    k.add_argument("--batch", type=int, default=32)
+    k.add_argument("--batch-size", type=int, default=32, help="images per ViTPose forward")
+    util.old_flag(k, "--batch", "--batch-size", type=int)
+    k.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
 
     def fit_args(p):
-        p.add_argument("--batch", type=int, default=256, help="images fitted together (x --inits starts each)")
+        p.add_argument("--batch-size", type=int, default=256, help="images fitted together (x --inits starts each)")
+        util.old_flag(p, "--batch", "--batch-size", type=int)
         p.add_argument("--inits", type=int, default=8, help="initial orientations per image (azimuths 360/inits apart)")
-        p.add_argument("--steps", type=int, default=120, help="Adam steps of the full fit (a quarter more for the "
-                       "orientation-only stage before it)")
+        p.add_argument("--steps", type=int, default=120, help="optimiser (Adam) steps of the full fit (a quarter more "
+                       "for the orientation-only stage before it)")
         p.add_argument("--focal", type=float, default=FOCAL, help="focal length / image height of the fit's camera")
         p.add_argument("--init-elevation", type=float, default=10.0, help="elevation (deg) of the initial cameras")
         p.add_argument("--elevation-prior", type=float, nargs=2, default=[15.0, 10.0], metavar=("MEAN", "SD"),
@@ -511,34 +525,48 @@ def main():
         p.add_argument("--min-score", type=float, default=0.3, help="keypoints below this score are ignored")
         p.add_argument("--min-keypoints", type=int, default=6, help="images with fewer confident keypoints are skipped")
         p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+        p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
 
     f = sub.add_parser("fit", help="SMPLify-style fit of the keypoints -> <out>/<split>.npz (the world's format)")
     f.add_argument("--out", required=True, help="folder with <split>.keypoints.npz; the sidecar goes next to it")
-    f.add_argument("--splits", nargs="+", default=["bounding_box_train"])
+    f.add_argument("--splits", nargs="+", default=["bounding_box_train"], help="splits whose keypoints are fitted")
     f.add_argument("--keypoints", default=None, help="keypoint file (default <out>/<split>.keypoints.npz)")
     fit_args(f)
 
     i = sub.add_parser("import", help="externally estimated SMPL + camera (e.g. 4D-Humans) -> <out>/<split>.npz")
     i.add_argument("--params", required=True, help=".npz with names, global_orient, body_pose, [betas], image_size, "
                    "focal_length + cam_t (or K, R, t): docs/estimate.md")
-    i.add_argument("--split", default="bounding_box_train")
-    i.add_argument("--out", required=True)
+    i.add_argument("--split", default="bounding_box_train", help="the split the parameters belong to (names the file)")
+    i.add_argument("--out", required=True, help="folder to write <split>.npz to")
 
     e = sub.add_parser("evaluate", help="fit the demo world's own projected keypoints, compare with its truth")
-    e.add_argument("--world", default="runs/demo/world")
-    e.add_argument("--splits", nargs="+", default=["bounding_box_train", "shifted/bounding_box_test"])
+    e.add_argument("--world", default="runs/demo/world", help="a demo world (demo/world.py): its SMPL truth")
+    e.add_argument("--splits", nargs="+", default=["bounding_box_train", "shifted/bounding_box_test"],
+                   help="the world's splits to fit")
     e.add_argument("--noise", type=float, nargs="+", default=[0.0, 2.0], help="Gaussian pixel noise (sigma) added")
     e.add_argument("--max-images", type=int, default=0, help="random subset per split (0 = all)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="seeds the pixel noise")
     e.add_argument("--json", default=None, help="also write the figures here")
     fit_args(e)
     for p in (f, i, e):
         p.add_argument("--smpl-model", default=None, help="SMPL model file (.npz or converted .pkl); default the "
                        "open body. Imported 4D-Humans parameters need the official SMPL their betas belong to")
-    args = ap.parse_args()
+    return ap
+
+
+def parse_args(argv=None):
+    """-> args of one subcommand (cmd: keypoints, fit, import or evaluate); none: the help, then a
+    one-line error."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
     if args.cmd is None:
         ap.print_help()
         raise util.UserError("give a subcommand: keypoints, fit, import or evaluate")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     {"keypoints": run_keypoints, "fit": run_fit, "import": run_import, "evaluate": run_evaluate}[args.cmd](args)
 
 

@@ -45,7 +45,7 @@ def world(tmp_path_factory):
 
 def fit_args(**kw):
     import argparse
-    d = dict(min_score=0.3, min_keypoints=6, batch=64, focal=e01.FOCAL, inits=8, steps=120, init_elevation=10.0,
+    d = dict(min_score=0.3, min_keypoints=6, batch_size=64, focal=e01.FOCAL, inits=8, steps=120, init_elevation=10.0,
              elevation_prior=[15.0, 10.0])
     d.update(kw)
     return argparse.Namespace(**d)
@@ -119,7 +119,7 @@ def test_vitpose_tiny_checkpoint_same_path_as_real(tiny_vitpose, world, tmp_path
     assert (np.abs(one[..., 0] - W / 2) <= hw).all() and (np.abs(one[..., 1] - H / 2) <= hh).all()
     assert one[..., 1].max() > 64 and one[..., 0].min() < 0  # spread beyond the 48x64 input: mapped back
     # the command: keypoints file for a whole split, in batches
-    r = run(SCRIPT, "keypoints", "--data", world, "--out", tmp_path, "--model", tiny_vitpose, "--batch", 4)
+    r = run(SCRIPT, "keypoints", "--data", world, "--out", tmp_path, "--model", tiny_vitpose, "--batch-size", 4)
     assert r.returncode == 0, r.stderr
     with np.load(tmp_path / "bounding_box_train.keypoints.npz") as z:
         assert list(z["names"]) == names and z["keypoints"].shape == (len(names), 17, 3)
@@ -162,7 +162,7 @@ def test_fit_cli_sidecar_skips_and_conditions(smpl, world, tmp_path):
     kp[5, 6:, 2] = 0.1         # only 6 left above the score threshold: still fitted
     util.save_npz(tmp_path / "smpl" / "bounding_box_train.keypoints.npz", names=p["names"],
                     keypoints=kp.astype(np.float32), image_size=p["image_size"])
-    r = run(SCRIPT, "fit", "--out", tmp_path / "smpl", "--batch", 16, "--steps", 80)
+    r = run(SCRIPT, "fit", "--out", tmp_path / "smpl", "--batch-size", 16, "--steps", 80)
     assert r.returncode == 0, r.stderr
     assert "1 skipped" in r.stdout and "images/s" in r.stdout
     s = body.load_params(tmp_path / "smpl" / "bounding_box_train.npz")
