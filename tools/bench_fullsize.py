@@ -10,7 +10,8 @@ the same from_pretrained path as 02 --pretrained / --image-encoder, then:
      minus the optimiser): seconds and peak memory (fp32 on a CPU; bf16 autocast with --amp);
   3. 03_generate.py as a user runs it, on a generator folder made from those weights: seconds per
      image and the peak memory of that process.
-Writes a JSON report (--out) and prints it. Not a test: minutes and ~20 GB of memory on a CPU.
+Writes a JSON report (--out) and prints it. Not a test: minutes and a large share of a machine's
+memory on a CPU (see docs/fullsize.md).
 
   python tools/bench_fullsize.py --work /tmp/fullsize --out docs/fullsize_cpu.json [--device cuda --amp]
 """
@@ -57,14 +58,15 @@ def build_folders(work):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", required=True, help="folder for the weights (about 6 GB) and the generated images")
+    ap.add_argument("--work", required=True, help="folder for the weights (large: see docs/fullsize.md) and the generated images")
     ap.add_argument("--out", required=True, help="JSON report")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
     ap.add_argument("--images", type=int, default=4, help="images 03 generates")
-    ap.add_argument("--ddim-steps", type=int, default=4)
+    ap.add_argument("--ddim-steps", type=int, default=4, help="DDIM sampling steps per image 03 generates")
     ap.add_argument("--data", default=None, help="Market-layout root with maps for 03 (default: a tiny demo world)")
     args = ap.parse_args()
+    args.device = util.pick_device(args.device)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPVisionModelWithProjection
     device = torch.device(args.device)
@@ -113,8 +115,8 @@ def main():
             tgt, refimg = img(), img()
             z, ref_lat, emb = models.encode_latents(vae, tgt), models.encode_latents(vae, refimg), models.clip_embed(enc, refimg)
             noise = torch.randn(z.shape, generator=g).to(device)
-            ts = torch.randint(0, 1000, (1,), generator=g).to(device)
-            pred = gen(sched.add_noise(z, noise, ts), ts, emb, conds, ref_lat, emb, torch.zeros(1, dtype=torch.long, device=device))
+            timesteps = torch.randint(0, 1000, (1,), generator=g).to(device)
+            pred = gen(sched.add_noise(z, noise, timesteps), timesteps, emb, conds, ref_lat, emb, torch.zeros(1, dtype=torch.long, device=device))
             loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
         if device.type == "cuda":

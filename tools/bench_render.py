@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import util  # noqa: E402
-from body import (load_body, body_forward, fit_camera, parse_size, procedural_poses, Renderer,  # noqa: E402
+from util import parse_size  # noqa: E402
+from body import (load_body, body_forward, fit_camera, procedural_poses, Renderer,  # noqa: E402
                   condition_maps, skeleton_map, openpose18, encode_depth, encode_normal, decode_normal)
 
 def benchmark(args):
@@ -25,7 +26,7 @@ def benchmark(args):
     size = parse_size(args.size or "192x384")
     n = args.bench_n
     rng = np.random.default_rng(0)
-    go, bp, _ = procedural_poses(rng, n, "ood")
+    global_orient, body_pose, _ = procedural_poses(rng, n, "ood")
     betas = rng.normal(0, 1, (n, 10))
     elev, azim = rng.uniform(0, 30, n), rng.uniform(0, 360, n)  # the paper's viewpoints
     model = load_body(args.smpl_model)
@@ -33,12 +34,12 @@ def benchmark(args):
     import pyrender
     try:
         # warm-up (shader compile, first context)
-        v, j = body_forward(model, betas[:2], go[:2], bp[:2])
+        v, j = body_forward(model, betas[:2], global_orient[:2], body_pose[:2])
         K, R, t = fit_camera(v[0], 10, 0, size)
         condition_maps(ren, v[0], j[0], K, R, t, size)
 
         def ours():  # batched SMPL forward, one pass for depth + normal, skeleton from the joints
-            verts, joints = body_forward(model, betas, go, bp)
+            verts, joints = body_forward(model, betas, global_orient, body_pose)
             for i in range(n):
                 K, R, t = fit_camera(verts[i], elev[i], azim[i], size)
                 condition_maps(ren, verts[i], joints[i], K, R, t, size)
@@ -46,7 +47,7 @@ def benchmark(args):
         def naive():  # SMPL forward per body, a depth-only pass, a separate normal pass from pyrender's
             import trimesh  # own trimesh mesh, generic decode/encode, skeleton from the joints
             for i in range(n):
-                v, j = body_forward(model, betas[i:i + 1], go[i:i + 1], bp[i:i + 1])
+                v, j = body_forward(model, betas[i:i + 1], global_orient[i:i + 1], body_pose[i:i + 1])
                 K, R, t = fit_camera(v[0], elev[i], azim[i], size)
                 pm = pyrender.Mesh.from_trimesh(trimesh.Trimesh(v[0], model.body_faces, process=False), smooth=True)
                 z = _naive_pass(ren, pm, K, R, t, size, depth_only=True)
@@ -83,7 +84,7 @@ def _naive_pass(ren, pm, K, R, t, size, depth_only):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default=None, help="WIDTHxHEIGHT of the maps (default 192x384, the paper's)")
+    ap.add_argument("--size", default=None, help="WxH of the maps (default 192x384, the paper's)")
     ap.add_argument("--bench-n", type=int, default=200, help="bodies per benchmark trial")
     ap.add_argument("--bench-repeat", type=int, default=3, help="benchmark trials (best and median reported)")
     ap.add_argument("--smpl-model", default=None, help="SMPL model file; default: the open body assets/open_body.npz")
