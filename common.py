@@ -98,12 +98,13 @@ class PoseGuider(nn.Module):
 
     def __init__(self, in_channels, out_channels, levels, widths=GUIDER_WIDTHS):
         super().__init__()
-        w = [widths[min(i, len(widths) - 1)] for i in range(levels + 1)]
-        layers = [nn.Conv2d(in_channels, w[0], 3, padding=1), nn.SiLU()]
-        for a, b in zip(w[:-1], w[1:]):
-            layers += [nn.Conv2d(a, a, 3, padding=1), nn.SiLU(), nn.Conv2d(a, b, 3, padding=1, stride=2), nn.SiLU()]
+        level_widths = [widths[min(i, len(widths) - 1)] for i in range(levels + 1)]
+        layers = [nn.Conv2d(in_channels, level_widths[0], 3, padding=1), nn.SiLU()]
+        for width, next_width in zip(level_widths[:-1], level_widths[1:]):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+                       nn.Conv2d(width, next_width, 3, padding=1, stride=2), nn.SiLU()]
         self.body = nn.Sequential(*layers)
-        self.out = nn.Conv2d(w[-1], out_channels, 3, padding=1)
+        self.out = nn.Conv2d(level_widths[-1], out_channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -117,10 +118,10 @@ def build_guiders(conv_in_channels, vae_factor, widths=GUIDER_WIDTHS):
     levels = int(round(math.log2(vae_factor)))
     if 2 ** levels != vae_factor:
         raise ValueError(f"VAE downsampling factor {vae_factor} is not a power of 2")
-    k = len(COND_KINDS)
-    outs = [conv_in_channels // k + (i < conv_in_channels % k) for i in range(k)]
-    return nn.ModuleDict({kind: PoseGuider(COND_CHANNELS[kind], o, levels, widths)
-                          for kind, o in zip(COND_KINDS, outs)})
+    n_kinds = len(COND_KINDS)
+    out_channels = [conv_in_channels // n_kinds + (i < conv_in_channels % n_kinds) for i in range(n_kinds)]
+    return nn.ModuleDict({kind: PoseGuider(COND_CHANNELS[kind], channels, levels, widths)
+                          for kind, channels in zip(COND_KINDS, out_channels)})
 
 
 def null_condition(emb, index, drop):
