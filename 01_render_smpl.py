@@ -177,7 +177,8 @@ def build_parser():
 
     c = sub.add_parser("conditions", help="maps aligned to each image of a data set with smpl/<split>.npz")
     c.add_argument("--data", default="runs/demo/world", help="Market-1501-layout root whose images get maps")
-    c.add_argument("--out", default="runs/demo/conditions", help="conditions root: <out>/<split>/<stem>.{depth,normal,skeleton}.png")
+    c.add_argument("--out", default="runs/demo/conditions",
+                   help="conditions root: <out>/<split>/<stem>.{depth,normal,skeleton}.png")
     c.add_argument("--splits", nargs="+", default=["bounding_box_train"], help="split folders to render")
     c.add_argument("--overwrite", action="store_true", help="render again the map sets that exist")
     c.add_argument("--size", dest="sub_size", default=None, help="WxH of the maps (default: each image's own size)")

@@ -186,7 +186,8 @@ class Sampler:
         ref_lat, emb, bank = cache
         batch_size = len(jobs)
         with self.autocast():
-            conds = {k: torch.stack([maps[j["target_id"]][k] for j in jobs]).to(self.device, memory_format=torch.channels_last)
+            conds = {k: torch.stack([maps[j["target_id"]][k] for j in jobs]).to(self.device,
+                                                                                 memory_format=torch.channels_last)
                      for k in common.COND_KINDS}
             pose = self.gen.pose(conds)  # once per batch, reused every step
             index = torch.zeros(batch_size, dtype=torch.long, device=self.device)

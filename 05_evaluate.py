@@ -66,7 +66,8 @@ def main(argv=None):
     query_feats, gallery_feats = feats(query), feats(gallery)
     distmat = torch.cat([common.pairwise_euclidean(q, gallery_feats) for q in query_feats.split(1024)]).numpy()
     ids = lambda items, k: np.array([it[k] for it in items])
-    scores = evaluate_fast.evaluate_rank(distmat, ids(query, 1), ids(gallery, 1), ids(query, 2), ids(gallery, 2), args.max_rank)
+    scores = evaluate_fast.evaluate_rank(distmat, ids(query, 1), ids(gallery, 1), ids(query, 2), ids(gallery, 2),
+                                         args.max_rank)
 
     name = args.name or os.path.basename(os.path.dirname(os.path.abspath(args.model)))
     results_dir = args.results or os.path.join(os.path.dirname(os.path.abspath(args.model)), "..", "..", "results")
@@ -81,7 +82,8 @@ def main(argv=None):
     table = os.path.join(results_dir, "results.md")
     header = "| name | test set | mAP | R1 | R5 | R10 | mINP |\n|---|---|---|---|---|---|---|\n"
     old = open(table).read() if os.path.exists(table) else header
-    old = "".join(table_line for table_line in old.splitlines(True) if not table_line.startswith(f"| {name} |"))  # a rerun replaces its row
+    # a rerun replaces its row
+    old = "".join(table_line for table_line in old.splitlines(True) if not table_line.startswith(f"| {name} |"))
     line = (f"| {name} | {test_root} | {100 * scores['mAP']:.1f} | {100 * row['R1']:.1f} | {100 * row['R5']:.1f} "
             f"| {100 * row['R10']:.1f} | {100 * scores['mINP']:.1f} |\n")
     util.save_text(table, old + line)

@@ -185,9 +185,12 @@ def fidelity(argv=None):
                                            mask_iou=mean(metrics["other_iou"]), n=len(metrics["other_iou"])),
                oracle_masks="files" if os.path.isdir(masks_dir) else "estimated",
                pose_gain_mask_iou=dict(mean=mean(metrics["gain_pose_iou"]), ci95=ci(metrics["gain_pose_iou"])),
-               identity_gain_psnr_foreground=dict(mean=mean(metrics["gain_id_psnr_fg"]), ci95=ci(metrics["gain_id_psnr_fg"])),
-               identity_gain_psnr_overlap=dict(mean=mean(metrics["gain_id_psnr_overlap"]), ci95=ci(metrics["gain_id_psnr_overlap"]),
-                                               share_of_person=mean(metrics["overlap_share"]), n=len(metrics["overlap_share"])),
+               identity_gain_psnr_foreground=dict(mean=mean(metrics["gain_id_psnr_fg"]),
+                                                  ci95=ci(metrics["gain_id_psnr_fg"])),
+               identity_gain_psnr_overlap=dict(mean=mean(metrics["gain_id_psnr_overlap"]),
+                                               ci95=ci(metrics["gain_id_psnr_overlap"]),
+                                               share_of_person=mean(metrics["overlap_share"]),
+                                               n=len(metrics["overlap_share"])),
                colourfulness=dict(generated=mean(metrics["colour_gen"]), oracle=mean(metrics["colour_ora"])))
     if args.generator:
         pick = [r["file"] for r in have[::max(1, len(have) // args.ceiling_images)][:args.ceiling_images]]
