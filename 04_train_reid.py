@@ -1,20 +1,24 @@
 """
-Stage 04: train the Re-ID model on the (optionally augmented) training split.
+Stage 04: train the Re-ID model on the training split, with or without the generated images.
 
-Paper recipe (section 4.2) as the defaults: torchvision ResNet50, 2048-d pooled feature,
-batch-hard triplet loss (margin 0.5) + cross-entropy, summed; PK batches P=32 x K=8; Adam with
-lr 1e-5 for the backbone and 1e-4 for the classifier; 20,000 iterations; 256x128 input with
-horizontal flip + pad/crop. Rerunning the same command resumes from <out>/checkpoint.pt.
+The paper's recipe (section 4.2) is the default: torchvision ResNet50 from ImageNet weights,
+the 2048-d pooled feature, batch-hard triplet loss (margin 0.5) + cross-entropy, summed (reid_loss
+below); PK batches P=32 x K=8; Adam, lr 1e-5 for the backbone and 1e-4 for the classifier; 20,000
+steps; 256x128 input, horizontal flip + pad/crop. Open in the paper, chosen here: weight decay
+5e-4 (torchreid's), a constant learning rate, generated images pooled with the real ones. Flags
+that are not the paper's sit in their own groups of --help (the CPU demo's small trunk, BNNeck,
+schedule, and CamStyle-style mixing of the generated images: docs/reid.md).
 
-  python 04_train_reid.py --data-root data/market1501 --out runs/market1501/reid/base
-  python 04_train_reid.py --data-root runs/demo/world --extra-train runs/demo/augmented/vi/bounding_box_train \\
-      --arch resnet18 --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 16 --K 4 \\
-      --iters 2400 --lr-steps 1800 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload \\
-      --workers 0 --out runs/demo/reid/vi_s0      # the CPU demo: from scratch, BNNeck, CamStyle mixing (docs/reid.md)
+  python 04_train_reid.py --data data/market1501 --out runs/market1501/reid/base
+  python 04_train_reid.py --data data/market1501 --extra-train runs/market1501/augmented/vi/bounding_box_train \
+      --out runs/market1501/reid/vi
   torchrun --nproc_per_node 2 04_train_reid.py ...     # DDP: P identities split over the GPUs
+
+Writes model.pt (the weights and what builds them; 05 reads it), checkpoint.pt (rerun the same
+command to resume), log.csv, args.json.
 """
 import os
-import csv
+import sys
 import time
 import random
 import argparse
@@ -28,57 +32,33 @@ from tqdm import tqdm
 import common
 import util
 import models
+from util import UserError
 
 # -----------------------------------------------------------------------------
-# arguments
+# the paper's loss: batch-hard triplet + cross-entropy
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--data-root", required=True, help="Market-1501-layout folder (bounding_box_train/ ...)")
-p.add_argument("--extra-train", nargs="*", default=[], help="folders of generated images (same naming) merged into train")
-p.add_argument("--extra-count", type=int, default=None,
-               help="use only this many generated images: a fixed subset, nested across counts (Table 2)")
-p.add_argument("--out", required=True, help="output folder: model.pt, checkpoint.pt, log.csv, args.json")
-p.add_argument("--no-size-check", action="store_true", help="skip the Market/Duke image-count sanity check")
-p.add_argument("--dataset", choices=["auto", "market1501", "dukemtmc"], default="auto", help="which official image "
-               "counts to check (auto: from the folder name, e.g. Market-1501-v15.09.15 or DukeMTMC-reID)")
-p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18 for CPU demo runs)")
-p.add_argument("--width-mult", type=float, default=1.0, help="ResNet channel widths x this (from scratch only)")
-p.add_argument("--backbone-weights", default="none", help="PATH to a torchvision state dict | imagenet | none")
-p.add_argument("--height", type=int, default=256)
-p.add_argument("--width", type=int, default=128)
-p.add_argument("--P", type=int, default=32, help="identities per batch")
-p.add_argument("--K", type=int, default=8, help="images per identity in a batch")
-p.add_argument("--iters", type=int, default=20000)
-p.add_argument("--lr", type=float, default=1e-5, help="backbone learning rate")
-p.add_argument("--lr-classifier", type=float, default=1e-4)
-p.add_argument("--warmup", type=int, default=0, help="iterations of linear learning-rate warm-up")
-p.add_argument("--lr-steps", type=int, nargs="*", default=[], help="iterations where the learning rates drop by --gamma")
-p.add_argument("--gamma", type=float, default=0.1)
-p.add_argument("--weight-decay", type=float, default=5e-4, help="the paper does not say; torchreid's default")
-p.add_argument("--margin", type=float, default=0.5, help="triplet margin")
-p.add_argument("--max-aug-share", type=float, default=1.0,
-               help="cap on the share of generated images (--extra-train) in each identity's K slots")
-p.add_argument("--extra-per-id", type=int, default=0, help="CamStyle-style mixing instead of pooling: PK batches "
-               "of real images only (as without augmentation), plus this many generated images of each identity")
-p.add_argument("--extra-label-smoothing", type=float, default=0.0,
-               help="with --extra-per-id: label smoothing of the generated images' cross-entropy (CamStyle)")
-p.add_argument("--extra-weight", type=float, default=1.0,
-               help="with --extra-per-id: weight of the generated images' mean cross-entropy beside the real images' "
-               "(CamStyle: 1)")
-p.add_argument("--extra-triplet", choices=["all", "real"], default="all",
-               help="with --extra-per-id: the triplet loss over real + generated images, or real only")
-p.add_argument("--workers", type=int, default=2)
-p.add_argument("--preload", action="store_true", help="decode + resize the train images once, into memory "
-               "(small data sets on a CPU; use --workers 0)")
-p.add_argument("--seed", type=int, default=0)
-p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-p.add_argument("--amp", action="store_true", help="bf16 autocast")
-p.add_argument("--ckpt-every", type=int, default=500, help="iterations between checkpoints")
-p.add_argument("--log-every", type=int, default=10)
-p.add_argument("--bnneck", action="store_true", help="BatchNorm1d between feature and classifier (Bag of "
-               "Tricks; not in the paper): needed to train from scratch, where the batch-hard triplet collapses")
-p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+def reid_loss(feat, logits, labels, margin, n_real=None, extra_weight=1.0, extra_smoothing=0.0, extra_triplet="all"):
+    """-> (loss, triplet part, cross-entropy part). The paper: triplet on the pooled feature plus
+    cross-entropy on the logits, over the whole batch. With CamStyle-style mixing (n_real: the
+    batch's first n_real rows are real, the rest generated) the cross-entropy is the real rows'
+    mean plus extra_weight x the generated rows' (label-smoothed) mean, and the triplet runs over
+    all rows or the real ones only."""
+    if n_real is None:
+        l_tri, l_ce = common.triplet_loss(feat, labels, margin), F.cross_entropy(logits, labels)
+        return l_tri + l_ce, l_tri, l_ce
+    rows = slice(None) if extra_triplet == "all" else slice(0, n_real)
+    l_tri = common.triplet_loss(feat[rows], labels[rows], margin)
+    l_ce = F.cross_entropy(logits[:n_real], labels[:n_real])
+    if len(labels) > n_real:
+        l_ce = l_ce + extra_weight * F.cross_entropy(logits[n_real:], labels[n_real:], label_smoothing=extra_smoothing)
+    return l_tri + l_ce, l_tri, l_ce
 
+
+def learning_rate_factor(step, args):
+    """A pure function of the step (so a resumed run needs no scheduler state): linear warm-up,
+    then x gamma at each of --lr-steps (the paper: constant)."""
+    factor = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
+    return factor * args.gamma ** sum(step >= m for m in args.lr_steps)
 
 # -----------------------------------------------------------------------------
 # PK batches: P identities x K images each, what the batch-hard triplet loss needs
@@ -178,164 +158,227 @@ def add_extra(batch, b, labels, K, n, extra_by_label, seed):
     return batch + extra
 
 
-def main():
-    args = p.parse_args()
-    # DDP under torchrun: one process per GPU; identities of each PK batch split over ranks
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(args.device)
+
+# -----------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="Market-1501-layout folder (bounding_box_train/ ...)")
+    p.add_argument("--extra-train", nargs="*", default=[], help="folders of generated images (same naming) added to train")
+    p.add_argument("--extra-count", type=int, default=None,
+                   help="use only this many generated images: a fixed subset, nested across counts (Table 2)")
+    p.add_argument("--out", required=True, help="output folder: model.pt, checkpoint.pt, log.csv, args.json")
+    p.add_argument("--no-size-check", action="store_true", help="skip the Market/Duke image-count sanity check")
+    p.add_argument("--dataset", choices=["auto", "market1501", "dukemtmc"], default="auto", help="which official image "
+                   "counts to check (auto: from the folder name, e.g. Market-1501-v15.09.15 or DukeMTMC-reID)")
+    p.add_argument("--arch", default="resnet50", help="torchvision classifier with an fc head (the paper: resnet50)")
+    p.add_argument("--backbone-weights", default="imagenet", help="imagenet (the paper) | PATH to a torchvision "
+                   "state dict | none (random)")
+    p.add_argument("--size", default="128x256", help="WxH of the network's input (the paper: 128x256)")
+    p.add_argument("--P", type=int, default=32, help="identities per batch")
+    p.add_argument("--K", type=int, default=8, help="images per identity in a batch")
+    p.add_argument("--steps", type=int, default=20000, help="optimiser steps (0: save the untrained model)")
+    p.add_argument("--lr", type=float, default=1e-5, help="backbone learning rate")
+    p.add_argument("--lr-classifier", type=float, default=1e-4)
+    p.add_argument("--margin", type=float, default=0.5, help="triplet margin")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="the paper does not say; torchreid's default")
+    p.add_argument("--seed", type=int, default=0)
+    n = p.add_argument_group("not in the paper: the network and schedule (the CPU demo's)")
+    n.add_argument("--width-mult", type=float, default=1.0, help="ResNet channel widths x this (random weights only)")
+    n.add_argument("--bnneck", action="store_true", help="BatchNorm1d between feature and classifier (Bag of "
+                   "Tricks): needed from random weights, where the batch-hard triplet collapses every feature")
+    n.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
+    n.add_argument("--lr-steps", type=int, nargs="*", default=[], help="steps where the learning rates drop by --gamma")
+    n.add_argument("--gamma", type=float, default=0.1)
+    m = p.add_argument_group("not in the paper: how generated images join the batches (default: pooled, as the paper)")
+    m.add_argument("--max-aug-share", type=float, default=1.0,
+                   help="cap on the share of generated images in each identity's K slots")
+    m.add_argument("--extra-per-id", type=int, default=0, help="CamStyle-style mixing instead of pooling: PK batches "
+                   "of real images only (as without augmentation), plus this many generated images of each identity")
+    m.add_argument("--extra-label-smoothing", type=float, default=0.0,
+                   help="with --extra-per-id: label smoothing of the generated images' cross-entropy (CamStyle)")
+    m.add_argument("--extra-weight", type=float, default=1.0,
+                   help="with --extra-per-id: weight of the generated images' mean cross-entropy (CamStyle: 1)")
+    m.add_argument("--extra-triplet", choices=["all", "real"], default="all",
+                   help="with --extra-per-id: the triplet loss over real + generated images, or real only")
+    r = p.add_argument_group("running")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    r.add_argument("--amp", action="store_true", help="bf16 autocast (GPUs)")
+    r.add_argument("--workers", type=int, default=2, help="data loader processes")
+    r.add_argument("--preload", action="store_true", help="decode + resize the train images once, into memory "
+                   "(small data sets on a CPU; use --workers 0)")
+    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    r.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    r.add_argument("--log-every", type=int, default=10)
+    util.old_flag(p, "--data-root", "--data")
+    util.old_flag(p, "--iters", "--steps", type=int)
+    util.old_flag(p, "--ckpt-every", "--save-every", type=int)
+    p.add_argument("--height", type=int, help=argparse.SUPPRESS)  # old spellings of --size
+    p.add_argument("--width", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.height is not None or args.width is not None:
+        h, w = util.parse_size(args.size)
+        args.size = f"{args.width or w}x{args.height or h}"
+        print(f"note: --height/--width are now --size WxH ({args.size}; the old spelling goes in the next release)",
+              file=sys.stderr)
+    del args.height, args.width
+    args.size = util.parse_size(args.size)
+    for name in ("P", "K", "save_every", "log_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    for name in ("steps", "warmup", "workers", "threads", "margin", "weight_decay", "extra_per_id", "extra_weight"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 or more")
+    if args.extra_count is not None and args.extra_count < 0:
+        raise UserError(f"--extra-count {args.extra_count}: must be 0 or more")
+    if not (args.lr > 0 and args.lr_classifier > 0 and args.gamma > 0 and args.width_mult > 0):
+        raise UserError("--lr, --lr-classifier, --gamma and --width-mult must be > 0")
+    if not (0 <= args.max_aug_share <= 1 and 0 <= args.extra_label_smoothing < 1):
+        raise UserError("--max-aug-share must be in [0, 1] and --extra-label-smoothing in [0, 1)")
+    return args
+
+
+def batch_stream(sampler, start, real, labels, is_aug, args):
+    """PK batches from step `start` on, as lists of train indices: the PK stream resumes at the
+    global batch number; generated images join by CamStyle mixing, by a cap, or pooled."""
+    stream = ([int(real[j]) for j in b] for b in sampler.iterate(start))
+    if args.extra_per_id > 0 and is_aug.any():
+        extra_by_label = {lab: np.flatnonzero(is_aug & (labels == lab)) for lab in np.unique(labels)}
+        return (add_extra(b, i, labels, args.K, args.extra_per_id, extra_by_label, args.seed)
+                for i, b in enumerate(stream, start))
+    if args.max_aug_share < 1.0:
+        real_by_label = {lab: np.flatnonzero((labels == lab) & ~is_aug) for lab in np.unique(labels)}
+        return (cap_augmented(b, labels, is_aug, args.K, args.max_aug_share, real_by_label) for b in stream)
+    return stream
+
+
+# settings a rerun may change without changing the result (the rest must match the checkpoint's)
+FREE_TO_CHANGE = ("steps", "save_every", "log_every", "workers", "device", "threads", "preload", "out", "data",
+                  "extra_train", "no_size_check", "dataset")
+
+
+def resume(path, args, model, optimizer, num_classes, rank):
+    """-> (the step the checkpoint at path reached, this rank's RNG state to restore), (0, None)
+    without one; weights and optimiser restored."""
+    if not os.path.exists(path):
+        return 0, None
+    ck = util.load_checkpoint(path, args, keep=FREE_TO_CHANGE, restore_rng=False)
+    if ck["num_classes"] != num_classes:
+        raise UserError(f"checkpoint '{path}' was trained on {ck['num_classes']} identities, the data has "
+                        f"{num_classes}: use another --out or delete the checkpoint")
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    print(f"resumed from {path} at step {ck['step']}")
+    return ck["step"], ck["rank_rngs"][rank] if rank < len(ck["rank_rngs"]) else ck["rng"]
+
+
+def save_checkpoint(path, step, model, optimizer, num_classes, args, world):
+    """Every rank calls it (each sends its RNG state); rank 0 writes."""
+    rngs = [util.rng_state()]
     if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rngs = [None] * world
+        torch.distributed.all_gather_object(rngs, util.rng_state())
+    if int(os.environ.get("RANK", 0)) == 0:
+        util.save_checkpoint(path, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                             num_classes=num_classes, args=vars(args), rank_rngs=rngs)
+
+
+def load_data(args, rank, world):
+    """-> (train items, labels, is_aug mask, the PK sampler, the image data set, mixing?)."""
+    data = util.load_reid_dataset(args.data, extra_train=args.extra_train, extra_count=args.extra_count,
+                                  check_sizes=not args.no_size_check, name=None if args.dataset == "auto" else args.dataset)
+    train, n_bad = models.check_images(data["train"], "train images")
+    labels = np.array([lab for _, lab, _ in train])
+    is_aug = np.array([path in data["extra"] for path, _, _ in train])  # from --extra-train, whatever the name
+    if rank == 0:
+        print(f"read {args.data}: {len(train)} train images ({is_aug.sum()} generated) of "
+              f"{data['num_classes']} identities" + (f"; skipped {n_bad} unreadable" if n_bad else ""))
+    mixing = args.extra_per_id > 0 and is_aug.any()
+    real = np.flatnonzero(~is_aug) if mixing else np.arange(len(train))  # what the PK sampler draws from
+    sampler = PKSampler(labels[real], args.P, args.K, seed=args.seed, rank=rank, world_size=world)
+    augment = [T.RandomHorizontalFlip(), T.Pad(10), T.RandomCrop(args.size)]
+    normalize = T.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD)
+    # preloaded images are uint8 tensors already at the input size: the same augmentation on them
+    transform = T.Compose(augment + [T.ConvertImageDtype(torch.float), normalize] if args.preload else
+                          [T.Resize(args.size)] + augment + [T.ToTensor(), normalize])
+    dataset = models.ImageDataset(train, transform, preload=args.size if args.preload else None)
+    return data["num_classes"], labels, is_aug, real, sampler, dataset, mixing
+
+
+def main():
+    args = parse_args()
+    rank, world, device = util.setup_ddp(args.device)  # DDP: the identities of each PK batch split over ranks
     master = rank == 0
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
+    ckpt_path, log_path, out = (os.path.join(args.out, f) for f in ("checkpoint.pt", "log.csv", "model.pt"))
+    if os.path.exists(ckpt_path):  # a rerun with other settings stops here, before the data are read
+        util.load_checkpoint(ckpt_path, args, keep=FREE_TO_CHANGE, restore_rng=False)
+    num_classes, labels, is_aug, real, sampler, dataset, mixing = load_data(args, rank, world)
 
-    # -------------------------------------------------------------------------
-    # data
-    data = util.load_reid_dataset(args.data_root, extra_train=args.extra_train, extra_count=args.extra_count,
-                                    check_sizes=not args.no_size_check,
-                                    name=None if args.dataset == "auto" else args.dataset)
-    train, n_bad = models.check_images(data["train"], "train images")
-    labels = np.array([lab for _, lab, _ in train])
-    is_aug = np.array([path in data["extra"] for path, _, _ in train])  # from --extra-train, whatever the name
-    if master:
-        print(f"read {args.data_root}: {len(train)} train images ({is_aug.sum()} generated) of "
-              f"{data['num_classes']} identities" + (f"; skipped {n_bad} unreadable" if n_bad else ""))
-    mixing = args.extra_per_id > 0 and is_aug.any()
-    real = np.flatnonzero(~is_aug) if mixing else np.arange(len(train))  # what the PK sampler draws from
-    sampler = PKSampler(labels[real], args.P, args.K, seed=args.seed, rank=rank, world_size=world)
-    size = (args.height, args.width)
-    augment = [T.RandomHorizontalFlip(), T.Pad(10), T.RandomCrop(size)]
-    normalize = T.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD)
-    # preloaded images are uint8 tensors already at the input size: the same augmentation on them
-    transform = T.Compose(augment + [T.ConvertImageDtype(torch.float), normalize] if args.preload else
-                          [T.Resize(size)] + augment + [T.ToTensor(), normalize])
-    dataset = models.ImageDataset(train, transform, preload=size if args.preload else None)
-
-    # -------------------------------------------------------------------------
-    # model, optimizer, resume
-    model = models.build_reid_model(args.arch, data["num_classes"], args.backbone_weights, args.bnneck,
+    # model, optimiser, resume
+    model = models.build_reid_model(args.arch, num_classes, args.backbone_weights, args.bnneck,
                                     args.width_mult).to(device, memory_format=torch.channels_last)
+    base_lrs = [args.lr, args.lr_classifier]
     optimizer = torch.optim.Adam([
-        dict(params=model.backbone.parameters(), lr=args.lr),
+        dict(params=model.backbone.parameters(), lr=base_lrs[0]),
         dict(params=[q for q in [*model.neck.parameters(), *model.classifier.parameters()] if q.requires_grad],
-             lr=args.lr_classifier),
+             lr=base_lrs[1]),
     ], weight_decay=args.weight_decay, fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    log_path = os.path.join(args.out, "log.csv")
-    start = 0
-    if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt["num_classes"] != data["num_classes"]:
-            raise util.UserError(f"checkpoint '{ckpt_path}' was trained on {ckpt['num_classes']} identities, the data "
-                                   f"has {data['num_classes']}: use another --out or delete the checkpoint")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start = ckpt["iteration"]
-        torch.set_rng_state(ckpt["rng_torch"])
-        np.random.set_state(ckpt["rng_numpy"])
-        random.setstate(ckpt["rng_python"])
-        if master:
-            print(f"resumed from {ckpt_path} at iteration {start}")
-    if start >= args.iters and os.path.exists(os.path.join(args.out, "model.pt")):
-        if master:
-            print(f"{args.out} is already trained to iteration {start}; nothing to do")
+    start, rng = resume(ckpt_path, args, model, optimizer, num_classes, rank)
+    if start >= args.steps and os.path.exists(out):
+        print(f"{args.out} is already trained to step {start}; nothing to do")
         return
     if master:
-        util.save_json(os.path.join(args.out, "args.json"), vars(args))
-        # keep the log consistent with the checkpoint: drop rows written after it
-        rows = []
-        if start and os.path.exists(log_path):
-            with open(log_path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start]
-        fields = ["iteration", "loss", "triplet", "ce", "acc", "lr", "sec_per_iter"]
-        util.save_text(log_path, ",".join(fields) + "\n" + "".join(",".join(r[k] for k in fields) + "\n" for r in rows))
+        util.save_json(os.path.join(args.out, "args.json"), dict(vars(args), size=f"{args.size[1]}x{args.size[0]}"))
+        log = util.CsvLog(log_path, ["step", "loss", "triplet", "ce", "acc", "lr", "sec_per_step"], start)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_stream(sampler, start, real, labels, is_aug, args),
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    batches = iter(loader) if start < args.steps else iter(())  # (--steps 0: save the untrained model)
+    if rng is not None:  # after the loader drew its seed, as the uninterrupted run's loader had
+        util.set_rng_state(rng)
+    n_real = args.P // world * args.K if mixing else None  # with mixing: the batch's rows that are real images
 
-    def save_checkpoint(it):
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iteration=it,
-                     num_classes=data["num_classes"], rng_torch=torch.get_rng_state(),
-                     rng_numpy=np.random.get_state(), rng_python=random.getstate(), args=vars(args))
-        util.atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
-
-    # -------------------------------------------------------------------------
-    # training loop: iteration-based, the PK stream resumes at the global batch number
-    batches = ([int(real[j]) for j in b] for b in sampler.iterate(start))
-    n_real = args.P // world * args.K  # rows of a batch that are real images when mixing
-    if mixing:
-        extra_by_label = {lab: np.flatnonzero(is_aug & (labels == lab)) for lab in np.unique(labels)}
-        batches = (add_extra(b, i, labels, args.K, args.extra_per_id, extra_by_label, args.seed)
-                   for i, b in enumerate(batches, start))
-    elif args.max_aug_share < 1.0:
-        real_by_label = {lab: np.flatnonzero((labels == lab) & ~is_aug) for lab in np.unique(labels)}
-        batches = (cap_augmented(b, labels, is_aug, args.K, args.max_aug_share, real_by_label) for b in batches)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    # the loop
     model.train()
-    log = open(log_path, "a") if master else None
     t0 = time.time()
-    bar = tqdm(total=args.iters, initial=start, desc="train re-id", disable=not master, mininterval=1.0)
-    it = start
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    for x, y, _ in (loader if it < args.iters else []):  # --iters 0 saves the untrained model
-        # iteration-based schedule, a pure function of the iteration (so resuming needs no state):
-        # linear warm-up, then a drop by gamma at each of --lr-steps (paper: constant)
-        factor = min(1.0, (it + 1) / args.warmup) if args.warmup else 1.0
-        factor *= args.gamma ** sum(it >= m for m in args.lr_steps)
+    bar = tqdm(total=args.steps, initial=start, desc="train re-id", disable=not master, mininterval=1.0)
+    step = start
+    for x, y, _ in batches:
         for g, lr in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = lr * factor
-        # channels-last (NHWC) images and weights: oneDNN's and cuDNN's faster convolutions (the same
-        # function; tools/bench_memory_format.py times both layouts)
+            g["lr"] = lr * learning_rate_factor(step, args)
+        # channels-last (NHWC) images and weights: the faster convolutions of oneDNN and cuDNN, the same function
         x, y = x.to(device, non_blocking=True, memory_format=torch.channels_last), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             feat, logits = ddp_model(x)
-        feat, logits = feat.float(), logits.float()
-        if mixing:  # cross-entropy: mean over real + weight x mean over generated (smoothed) images
-            tri = slice(None) if args.extra_triplet == "all" else slice(0, n_real)
-            l_tri = common.triplet_loss(feat[tri], y[tri], args.margin)
-            l_ce = F.cross_entropy(logits[:n_real], y[:n_real])
-            if len(y) > n_real:
-                l_ce = l_ce + args.extra_weight * F.cross_entropy(logits[n_real:], y[n_real:],
-                                                                  label_smoothing=args.extra_label_smoothing)
-        else:
-            l_tri = common.triplet_loss(feat, y, args.margin)
-            l_ce = F.cross_entropy(logits, y)
-        loss = l_tri + l_ce
+        loss, l_tri, l_ce = reid_loss(feat.float(), logits.float(), y, args.margin, n_real, args.extra_weight,
+                                      args.extra_label_smoothing, args.extra_triplet)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        it += 1
+        step += 1
         bar.update(1)
-        if master and (it % args.log_every == 0 or it == args.iters):
+        if master and (step % args.log_every == 0 or step == args.steps):
             acc = (logits.argmax(1) == y).float().mean().item()
-            dt = (time.time() - t0) / (it - start)
-            log.write(f"{it},{loss.item():.5f},{l_tri.item():.5f},{l_ce.item():.5f},{acc:.4f},{optimizer.param_groups[0]['lr']:.3g},{dt:.4f}\n")
-            log.flush()
+            log.add(step, f"{loss.item():.5f}", f"{l_tri.item():.5f}", f"{l_ce.item():.5f}", f"{acc:.4f}",
+                    f"{optimizer.param_groups[0]['lr']:.3g}", f"{(time.time() - t0) / (step - start):.4f}")
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-        if master and (it % args.ckpt_every == 0 or it == args.iters):
-            save_checkpoint(it)
-        if it >= args.iters:
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(ckpt_path, step, model, optimizer, num_classes, args, world)
+        if step >= args.steps:
             break
     bar.close()
     if master:
-        log.close()
-        out = os.path.join(args.out, "model.pt")
-        state = dict(state_dict=model.state_dict(), arch=args.arch, num_classes=data["num_classes"], bnneck=args.bnneck,
-                     width_mult=args.width_mult, height=args.height, width=args.width, iterations=it)
+        state = dict(state_dict=model.state_dict(), arch=args.arch, num_classes=num_classes, bnneck=args.bnneck,
+                     width_mult=args.width_mult, height=args.size[0], width=args.size[1], iterations=step)
         util.atomic_write(out, lambda tmp: torch.save(state, tmp))
-        print(f"wrote {out} ({it} iterations, {time.time() - t0:.0f} s), {log_path}, {ckpt_path}")
+        print(f"wrote {out} ({step} steps, {time.time() - t0:.0f} s), {log_path}, {ckpt_path}")
     if world > 1:
-        diff = models.ranks_weight_difference(model)
-        if master:
-            print(f"{world} ranks hold identical weights" if diff == 0 else f"ranks differ by {diff:.3g}")
-        if diff:
-            raise RuntimeError(f"the {world} DDP ranks ended with different weights (max difference {diff:.3g})")
-        torch.distributed.destroy_process_group()
+        models.check_ranks_agree(model, world, master)
 
 
 if __name__ == "__main__":

@@ -463,8 +463,15 @@ def load_reid_model(path, device="cpu"):
     """model.pt written by 04_train_reid.py -> (network in eval mode, the checkpoint dict)."""
     if not os.path.isfile(path):
         raise UserError(f"model file '{path}' does not exist: train it with 04_train_reid.py")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = build_reid_model(ckpt["arch"], ckpt["num_classes"], bnneck=ckpt.get("bnneck", False),
-                             width_mult=ckpt.get("width_mult", 1.0))
-    model.load_state_dict(ckpt["state_dict"])
+    try:  # weights_only: tensors and plain values only, so loading a shared file never runs code from it
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_reid_model(ckpt["arch"], ckpt["num_classes"], bnneck=ckpt.get("bnneck", False),
+                                 width_mult=ckpt.get("width_mult", 1.0))
+        model.load_state_dict(ckpt["state_dict"])
+    except UserError:
+        raise
+    except Exception as e:
+        why = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        raise UserError(f"'{path}' is not a Re-ID model written by 04_train_reid.py ({type(e).__name__}: {why}): "
+                        f"train one with 04, or pass the model.pt it wrote")
     return model.to(device, memory_format=torch.channels_last).eval(), ckpt

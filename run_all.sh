@@ -151,8 +151,8 @@ if [ "$DATASET" = demo ]; then
     GEN=(--init "$DEMO_GENERATOR" --steps 20 --batch-size 2 --sample-every 0 --save-every 20 --cache-encodings)
     SCRATCH=(--vae-steps 30); GEN_V=(--steps 20 --sample-every 0 --save-every 20 --cache-encodings)
     GENERATE=(--refs-per-pid 1 --targets-per-ref 1 --steps 4); FIGURES=(--tsne-max 100); SWEEP=""
-    REID=(--arch resnet18 --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 8 --K 4
-          --iters 20 --lr-steps 15 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload --workers 0)
+    REID=(--arch resnet18 --backbone-weights none --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --size 32x64
+          --P 8 --K 4 --steps 20 --lr-steps 15 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload --workers 0)
     SEEDS=${SEEDS:-0}
   else
     WORLD=(); TARGETS=(--num-poses 20 --views-per-pose 5)
@@ -171,8 +171,8 @@ if [ "$DATASET" = demo ]; then
          --cache-encodings)
     SCRATCH=(); GEN_V=(--lr 5e-4 --steps 4800 --sample-every 800 --cache-encodings)
     GENERATE=(--refs-per-pid 1 --targets-per-ref 10); FIGURES=(); SWEEP="300 600"
-    REID=(--arch resnet18 --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --height 64 --width 32 --P 16 --K 4
-          --iters 2400 --lr-steps 1800 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload --workers 0)
+    REID=(--arch resnet18 --backbone-weights none --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --size 32x64
+          --P 16 --K 4 --steps 2400 --lr-steps 1800 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload --workers 0)
     SEEDS=${SEEDS:-0 1 2}
     # measured stage times (README): the plain run ~41 min on an idle 2-core machine, --tables ~70 min more
     [ $DRY = 1 ] || echo "expected time: about $([ $TABLES = 1 ] && echo 110 || echo 40) minutes on a 2-core CPU (rerunning resumes)"
@@ -201,7 +201,7 @@ else
     FIT=(--steps 8 --inits 2 --batch 64 --min-score 0); STAGE1=(--steps 2 --batch-size 2 --sample-every 0 --save-every 2)
     GEN=(--steps 2 --batch-size 2 --sample-every 0 --save-every 2 --skip-missing-conditions)
     ADD=""; GENERATE=(--refs-per-pid 1 --targets-per-ref 1 --steps 2); GENERATE_VI=(--refs-per-pid 1 --targets-per-ref 2 --steps 2)
-    REID=(--backbone-weights none --arch resnet18 --height 64 --width 32 --P 4 --K 2 --iters 2 --workers 0); SWEEP="2"
+    REID=(--backbone-weights none --arch resnet18 --size 32x64 --P 4 --K 2 --steps 2 --workers 0); SWEEP="2"
   fi
   SEEDS=${SEEDS:-0}
   SPLITS="same:$DATA_ROOT"
@@ -273,11 +273,11 @@ reid() {  # reid ROW SEED: train one model, evaluate it on every split
   local v=$1 seed=$2 extra=() sp name
   [ $v = base ] || extra=(--extra-train "$RUN/augmented/${v%_n*}/bounding_box_train")
   case $v in vi_n*) extra+=(--extra-count ${v#vi_n}) ;; vi) [ -n "${ADD:-}" ] && extra+=(--extra-count $ADD) ;; esac
-  stage "reid $v" 04_train_reid.py --data-root "$DATA_ROOT" --out "$RUN/reid/${v}_s$seed" --seed $seed \
+  stage "reid $v" 04_train_reid.py --data "$DATA_ROOT" --out "$RUN/reid/${v}_s$seed" --seed $seed \
     "${extra[@]}" "${REID[@]}" "${NOCHECK[@]}" ${DEVICE:+--device $DEVICE} ${THREADS[@]+"${THREADS[@]}"}
   for sp in $SPLITS; do
     name=${v}_s${seed}_${sp%%:*}
-    DONE_IF=$RUN/results/$name.json:$RUN/reid/${v}_s$seed/model.pt stage "evaluate" 05_evaluate.py --model "$RUN/reid/${v}_s$seed/model.pt" --data-root "$DATA_ROOT" \
+    DONE_IF=$RUN/results/$name.json:$RUN/reid/${v}_s$seed/model.pt stage "evaluate" 05_evaluate.py --model "$RUN/reid/${v}_s$seed/model.pt" --data "$DATA_ROOT" \
       --test-root "${sp#*:}" --name "$name" --variant $v --seed $seed --split "${sp%%:*}" \
       --results "$RUN/results" "${NOCHECK[@]}" ${DEVICE:+--device $DEVICE}
   done
@@ -309,13 +309,13 @@ fi
 # does the generator keep identity? the row-(I) model's nearest identity centroid of each generated image
 first=${SEEDS%% *}
 DONE_IF=$RUN/results/identity.json:$RUN/reid/base_s$first/model.pt stage identity tools/identity_score.py \
-  --model "$RUN/reid/base_s$first/model.pt" --data-root "$DATA_ROOT" --generated "$RUN/augmented/vi" \
+  --model "$RUN/reid/base_s$first/model.pt" --data "$DATA_ROOT" --generated "$RUN/augmented/vi" \
   $([ "$DATASET" = demo ] && echo --oracle "$RUN/augmented/oracle") --out "$RUN/results/identity.json" ${DEVICE:+--device $DEVICE}
 if [ "$DATASET" = demo ] && [ $TABLES = 1 ]; then  # the same two checks for row (V)'s generator (same jobs as (VI))
   DONE_IF=$RUN/results/fidelity_v.json:$RUN/augmented/v/manifest.csv stage "fidelity (V)" demo/fidelity.py \
     --generated "$RUN/augmented/v" --oracle "$RUN/augmented/oracle" --out "$RUN/results/fidelity_v.json"
   DONE_IF=$RUN/results/identity_v.json:$RUN/augmented/v/manifest.csv stage "identity (V)" tools/identity_score.py \
-    --model "$RUN/reid/base_s$first/model.pt" --data-root "$DATA_ROOT" --generated "$RUN/augmented/v" \
+    --model "$RUN/reid/base_s$first/model.pt" --data "$DATA_ROOT" --generated "$RUN/augmented/v" \
     --out "$RUN/results/identity_v.json" ${DEVICE:+--device $DEVICE}  # (the oracle's score is identity.json's)
 fi
 SUMMARY=(tools/summarize.py "$RUN/results")

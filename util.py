@@ -125,15 +125,17 @@ def save_checkpoint(path, **state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path, args=None, keep=()):
-    """-> the checkpoint dict at path, loaded without running code (weights_only), RNGs restored.
+def load_checkpoint(path, args=None, keep=(), restore_rng=True):
+    """-> the checkpoint dict at path, loaded without running code (weights_only), RNGs restored
+    (unless restore_rng is False: the caller restores ck["rng"] itself, later).
     With args: the settings that define the result must equal those the checkpoint was trained
     with (every argument except those in keep, e.g. the step count, which a rerun may raise);
     else one line names the differences."""
     import torch
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        set_rng_state(ck["rng"])
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=not restore_rng)
+        if restore_rng:
+            set_rng_state(ck["rng"])
     except Exception as e:
         raise UserError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).strip()[:120].splitlines()[0] if str(e).strip() else ''}): "
                         f"delete it to start that run afresh, or pass another --out")

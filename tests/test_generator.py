@@ -164,7 +164,7 @@ def test_blocks_are_paired_by_qualified_name():
 def test_gradients_reach_both_unets_and_every_guider():
     s02 = load_stage("02_train_generator.py")
     gen = tiny_generator()
-    frozen = s02.freeze_unused_reference(gen, (H // 2, W // 2), 16)
+    frozen = models.freeze_unused_reference(gen, (H // 2, W // 2), 16)
     assert any(n.startswith("conv_out") for n in frozen) and not any(n.startswith("down_blocks.0.resnets") for n in frozen)
     opt = torch.optim.AdamW([p for p in gen.parameters() if p.requires_grad], lr=1e-3)
     x, t, emb, conds, ref = batch()
@@ -288,8 +288,8 @@ def world(tmp_path_factory):
 
 def train_args(w, out, steps, *extra):
     return ["--data", w["data"], "--conditions", w["cond"], "--out", out, "--pretrained", w["sd"], "--image-encoder", w["enc"],
-            "--resolution", f"{W}x{H}", "--steps", steps, "--batch-size", 2, "--lr", 1e-3, "--sample-every", 0,
-            "--sample-steps", 2, "--log-every", 1, "--threads", 1, *extra]
+            "--size", f"{W}x{H}", "--steps", steps, "--batch-size", 2, "--lr", 1e-3, "--sample-every", 0,
+            "--ddim-steps", 2, "--log-every", 1, "--threads", 1, *extra]
 
 
 def read_ckpt(out):
@@ -355,15 +355,19 @@ def test_03_reference_unet_runs_once_per_reference(world, trained, monkeypatch, 
         return res
     monkeypatch.setattr(models, "load_generator", counting)
     out = str(tmp_path / "aug")
-    s03.generate(list(map(str, gen_args(world, trained["a"], out, "--steps", 3))))
+    s03.generate(list(map(str, gen_args(world, trained["a"], out, "--ddim-steps", 3))))
     files, text = listing(out)
     assert len(files) == 3 * 2 * 5  # 3 ids x 2 references x 5 targets, in batches of 2: 3 batches per reference
     assert calls == [1] * 6  # one reference U-Net forward per reference, for all its batches and steps
     calls.clear()
-    s03.generate(list(map(str, gen_args(world, trained["a"], out, "--steps", 3))))  # nothing left to do
+    s03.generate(list(map(str, gen_args(world, trained["a"], out, "--ddim-steps", 3))))  # nothing left to do
     assert calls == []
-    res = s03.generate(list(map(str, gen_args(world, trained["a"], out, "--steps", 3, "--benchmark", 4))))
-    assert res["cached"] > 0 and res["recomputed"] > 0
+    # the cache's benchmark (tools/bench_sampler.py): the baseline runs the reference U-Net every step
+    bench = load_stage("tools/bench_sampler.py")
+    args = gen_args(world, trained["a"], out, "--ddim-steps", 3, "--images", 4)
+    del args[args.index("--out"):args.index("--out") + 2]
+    res = bench.benchmark(bench.parse_args(list(map(str, args))))
+    assert res["images"] == 4 and res["references"] == 1 and res["same_images"]  # the same features, only recomputed
     # 4 images of one reference in 2 batches: warm-up 1; cached 1; uncached 1 + 3 steps x 2 batches
     assert len(calls) == 1 + 1 + (1 + 3 * 2)
 
@@ -371,7 +375,7 @@ def test_03_reference_unet_runs_once_per_reference(world, trained, monkeypatch, 
 def test_03_kill_rerun_and_shards_match_a_straight_run(world, trained, tmp_path):
     from PIL import Image
     a = str(tmp_path / "a")
-    r = script("03_generate.py", *gen_args(world, trained["a"], a, "--steps", 10))
+    r = script("03_generate.py", *gen_args(world, trained["a"], a, "--ddim-steps", 10))
     assert r.returncode == 0, r.stderr[-3000:]
     files_a, man_a = listing(a)
     assert len(files_a) == 30 and len(man_a.strip().splitlines()) == 31
@@ -383,7 +387,7 @@ def test_03_kill_rerun_and_shards_match_a_straight_run(world, trained, tmp_path)
         assert pid == util.parse_name(row["source"])[0] and "s0_" in row["file"]
     # killed mid-run, then rerun
     b = str(tmp_path / "b")
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "03_generate.py"), *map(str, gen_args(world, trained["a"], b, "--steps", 10))],
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "03_generate.py"), *map(str, gen_args(world, trained["a"], b, "--ddim-steps", 10))],
                          env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     bbt = os.path.join(b, "bounding_box_train")
@@ -396,7 +400,7 @@ def test_03_kill_rerun_and_shards_match_a_straight_run(world, trained, tmp_path)
     assert 0 < len(files_k) < 30
     if os.path.exists(os.path.join(b, "manifest.csv")):  # whatever it lists exists
         assert set(r["file"].split("/")[1] for r in csv.DictReader(open(os.path.join(b, "manifest.csv")))) <= set(files_k)
-    r = script("03_generate.py", *gen_args(world, trained["a"], b, "--steps", 10))
+    r = script("03_generate.py", *gen_args(world, trained["a"], b, "--ddim-steps", 10))
     assert r.returncode == 0, r.stderr[-3000:]
     assert listing(b) == (files_a, man_a)
     for f in files_a:  # complete images, the same up to batch-composition float noise
@@ -406,7 +410,7 @@ def test_03_kill_rerun_and_shards_match_a_straight_run(world, trained, tmp_path)
     # two shards into one folder = the straight run
     c = str(tmp_path / "c")
     for i in range(2):
-        r = script("03_generate.py", *gen_args(world, trained["a"], c, "--steps", 10, "--shard", f"{i}/2"))
+        r = script("03_generate.py", *gen_args(world, trained["a"], c, "--ddim-steps", 10, "--shard", f"{i}/2"))
         assert r.returncode == 0, r.stderr[-3000:]
     assert listing(c) == (files_a, man_a)
     # torchrun ranks x shards (2 x 2 parts): every image written exactly once, by one part
@@ -414,7 +418,7 @@ def test_03_kill_rerun_and_shards_match_a_straight_run(world, trained, tmp_path)
     for i in range(2):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                             str(29541 + i), os.path.join(ROOT, "03_generate.py"),
-                            *map(str, gen_args(world, trained["a"], e, "--steps", 10, "--shard", f"{i}/2"))],
+                            *map(str, gen_args(world, trained["a"], e, "--ddim-steps", 10, "--shard", f"{i}/2"))],
                            env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         parts = re.findall(r"this part (\d+)/4: \d+, \d+ already there, (\d+) to generate", r.stdout)
@@ -423,7 +427,7 @@ def test_03_kill_rerun_and_shards_match_a_straight_run(world, trained, tmp_path)
     assert listing(e) == (files_a, man_a) and made == len(files_a)
     # --num-images caps what is added
     d = str(tmp_path / "d")
-    r = script("03_generate.py", *gen_args(world, trained["a"], d, "--steps", 2, "--num-images", 7))
+    r = script("03_generate.py", *gen_args(world, trained["a"], d, "--ddim-steps", 2, "--num-images", 7))
     assert r.returncode == 0 and len(listing(d)[0]) == 7
 
 
@@ -548,12 +552,20 @@ def test_bad_inputs_give_one_line(world, trained, tmp_path, capsys, monkeypatch)
     assert "cannot load" in one_line_error(capsys, s02, args, monkeypatch)
     if importlib.util.find_spec("bitsandbytes") is None:  # the 24 GB option, asked for without its package
         assert "needs bitsandbytes" in one_line_error(capsys, s02, base("o3") + ["--optimizer", "adamw8bit"], monkeypatch)
-    # --from-scratch with a size its VAE cannot halve 3 times + 8: before the VAE trains (no vae/ written)
+    # a size the VAE cannot halve 3 times + 8: before any training (no checkpoint written)
     args = base("o4")
-    args[args.index("--pretrained"):args.index("--pretrained") + 2] = ["--from-scratch"]
-    args[args.index("--resolution") + 1] = "60x128"
-    assert "multiples of 64" in one_line_error(capsys, s02, args, monkeypatch)
-    assert not os.path.exists(tmp_path / "o4" / "vae")
+    args[args.index("--size") + 1] = "60x128"
+    assert "multiples of 16" in one_line_error(capsys, s02, args, monkeypatch)  # (the tiny VAE's factor is 2)
+    assert not os.path.exists(tmp_path / "o4" / "checkpoint.pt")
+    # the same for demo/scratch_generator.py's random folder: before its VAE trains (no vae/ written)
+    scratch = load_stage("demo/scratch_generator.py")
+    assert "multiples of 64" in one_line_error(capsys, scratch, ["--data", world["data"], "--out", str(tmp_path / "o5"),
+                                                                 "--size", "60x128"], monkeypatch)
+    assert not os.path.exists(tmp_path / "o5" / "vae")
+    # counts that must be positive, and an empty --steps, stop in one line before anything is written
+    for flag, value in (("--batch-size", 0), ("--grad-accum", 0), ("--steps", -1), ("--save-every", 0)):
+        assert flag in one_line_error(capsys, s02, base("o6") + [flag, value], monkeypatch)  # (the last one counts)
+    assert not os.path.exists(tmp_path / "o6")
     # resuming a folder with other weights than it started from (here --init instead of --pretrained)
     old = str(tmp_path / "old_run")
     shutil.copytree(trained["a"], old)
@@ -622,6 +634,35 @@ def test_skip_missing_conditions_drops_images_and_small_groups(tmp_path):
         s02.check_conditions(items, groups)
     # [2, 3] loses its partner and goes; [3, 4, 0] keeps the two with maps
     assert s02.check_conditions(items, groups, skip_missing=True) == [[0, 1], [4, 0]]
+
+
+def test_diffusion_loss_is_eq1_with_the_null_condition_by_hand():
+    """02's diffusion_loss against the paper's eq. 1 written out: noisy = sqrt(abar_t) z +
+    sqrt(1 - abar_t) eps, the MSE of the prediction to eps; dropped rows get no reference and a
+    zero embedding; min-SNR weights min(SNR, gamma) / SNR per sample."""
+    from diffusers import DDPMScheduler
+    s02 = load_stage("02_train_generator.py")
+    gen, sched = tiny_generator(), DDPMScheduler.from_config(models.SD15_SCHEDULE)
+    z, _, emb, conds, ref = batch()
+    abar = torch.tensor(np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2), dtype=torch.float32)
+    for drop_prob, gamma in ((0.0, 0.0), (1.0, 0.0), (0.5, 5.0)):
+        with torch.no_grad():
+            loss = s02.diffusion_loss(gen, sched, z, ref, emb, conds, torch.Generator().manual_seed(0), drop_prob, gamma)
+            g = torch.Generator().manual_seed(0)  # the same draws, in the same order
+            eps, t = torch.randn(z.shape, generator=g), torch.randint(0, 1000, (2,), generator=g)
+            drop = torch.rand(2, generator=g) < drop_prob
+            a = abar[t].view(2, 1, 1, 1)
+            noisy = a.sqrt() * z + (1 - a).sqrt() * eps
+            rows = []
+            for i in range(2):  # one sample at a time, the null condition spelled out
+                e, idx = (torch.zeros_like(emb[i:i + 1]), torch.tensor([-1])) if drop[i] else (emb[i:i + 1], torch.tensor([0]))
+                pred = gen(noisy[i:i + 1], t[i:i + 1], e, {k: v[i:i + 1] for k, v in conds.items()}, ref[i:i + 1],
+                           emb[i:i + 1], idx)
+                rows.append(((pred - eps[i:i + 1]) ** 2).mean())
+            snr = abar[t] / (1 - abar[t])
+            w = torch.clamp(snr, max=gamma) / snr if gamma else torch.ones(2)
+        torch.testing.assert_close(loss, (torch.stack(rows) * w).mean(), rtol=1e-4, atol=1e-6)
+        assert int(drop.sum()) == {0.0: 0, 1.0: 2, 0.5: 1}[drop_prob]  # (seed 0: the last case mixes both kinds of row)
 
 
 def test_min_snr_weights_by_hand():

@@ -55,7 +55,7 @@ def test_run_all_demo_smoke(tmp_path):
     r2 = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "demo", "--smoke"], capture_output=True, text=True, env=env)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     logs = [(run / "reid" / f"{v}_s0.log").read_text() for v in ("base", "vi")]  # the CPU demo's Re-ID runs log to files
-    assert all("is already trained to iteration" in t and "== evaluate: python" not in t for t in logs), logs
+    assert all("is already trained to step" in t and "== evaluate: python" not in t for t in logs), logs
     summary2 = (run / "results" / "summary.md").read_text()
     assert summary2.split("| stage (wall time")[0] == summary.split("| stage (wall time")[0]
     # stage times: every line names its invocation, so the summary has a column for each of the two

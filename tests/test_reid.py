@@ -82,7 +82,7 @@ def test_parse_name_uses_basename_only():
 def test_bad_name_in_a_split_is_one_line(tmp_path):
     root = make_market(tmp_path / "data")
     util.save_image(str(root / "bounding_box_train" / "1-2_c1s1_000001_00.jpg"), np.zeros((8, 4, 3), np.uint8))
-    r = run("04_train_reid.py", "--data-root", root, "--out", tmp_path / "o", "--no-size-check", check=False)
+    r = run("04_train_reid.py", "--data", root, "--out", tmp_path / "o", "--no-size-check", check=False)
     assert r.returncode == 2 and "1-2_c1s1_000001_00.jpg" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -226,24 +226,24 @@ def test_fast_evaluator_equals_plain_on_random_problems(dtype):
 # -----------------------------------------------------------------------------
 # 04 + 05 end to end
 
-TINY = ["--arch", "resnet18", "--height", "32", "--width", "16", "--P", "4", "--K", "2", "--workers", "0",
+TINY = ["--arch", "resnet18", "--backbone-weights", "none", "--size", "16x32", "--P", "4", "--K", "2", "--workers", "0",
         "--no-size-check", "--threads", "2"]
 
 
 def test_train_and_evaluate_random_images(tmp_path):
     root = make_market(tmp_path / "data")
     out = tmp_path / "runs" / "reid" / "base"
-    run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", 6, "--log-every", 2,
+    run("04_train_reid.py", "--data", root, "--out", out, "--steps", 6, "--log-every", 2,
         "--warmup", 4, "--lr-steps", 5, "--bnneck", *TINY)  # (05 must rebuild the BNNeck from model.pt)
     log = (out / "log.csv").read_text().splitlines()
-    assert log[0].startswith("iteration,loss") and [l.split(",")[0] for l in log[1:]] == ["2", "4", "6"]
-    # warm-up over 4 iterations, then x0.1 from the 6th: learning rate used at iterations 2, 4, 6
+    assert log[0].startswith("step,loss") and [l.split(",")[0] for l in log[1:]] == ["2", "4", "6"]
+    # warm-up over 4 steps, then x0.1 from the 6th: learning rate used at steps 2, 4, 6
     assert [float(l.split(",")[5]) for l in log[1:]] == pytest.approx([0.5e-5, 1e-5, 1e-6])
     assert np.isfinite([float(l.split(",")[1]) for l in log[1:]]).all()
-    run("05_evaluate.py", "--model", out / "model.pt", "--data-root", root, "--no-size-check", "--workers", 0)
+    run("05_evaluate.py", "--model", out / "model.pt", "--data", root, "--no-size-check", "--workers", 0)
     res = json.loads((tmp_path / "runs" / "results" / "base.json").read_text())
     assert 0 <= res["mAP"] <= 1 and res["num_query"] == 6 and res["num_gallery"] == 6 * 6 + 1
-    run("05_evaluate.py", "--model", out / "model.pt", "--data-root", root, "--no-size-check", "--workers", 0)
+    run("05_evaluate.py", "--model", out / "model.pt", "--data", root, "--no-size-check", "--workers", 0)
     table = (tmp_path / "runs" / "results" / "results.md").read_text()
     assert table.count("| base |") == 1  # evaluating again replaces the row
 
@@ -253,32 +253,59 @@ def test_training_separates_identities(tmp_path):
     maps = {}
     for iters in (0, 80):
         out = tmp_path / "reid" / f"it{iters}"
-        run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", iters, "--lr", "3e-4",
+        run("04_train_reid.py", "--data", root, "--out", out, "--steps", iters, "--lr", "3e-4",
             "--lr-classifier", "1e-3", *TINY)
-        run("05_evaluate.py", "--model", out / "model.pt", "--data-root", root, "--no-size-check", "--workers", 0,
+        run("05_evaluate.py", "--model", out / "model.pt", "--data", root, "--no-size-check", "--workers", 0,
             "--results", tmp_path / "results")
         maps[iters] = json.loads((tmp_path / "results" / f"it{iters}.json").read_text())["mAP"]
     assert maps[80] > maps[0] + 0.15, maps
 
 
-def test_resume_after_kill(tmp_path):
+def test_resume_after_kill_past_the_learning_rate_drop_equals_a_straight_run(tmp_path):
+    """Killed after its learning-rate drop (and after a checkpoint there), the resumed run ends
+    with the weights of a run never interrupted: the schedule is a function of the step alone,
+    the PK stream, the optimiser and the RNGs come back from the checkpoint."""
     root = make_market(tmp_path / "data")
-    out = tmp_path / "reid"
-    args = [sys.executable, os.path.join(ROOT, "04_train_reid.py"), "--data-root", str(root), "--out", str(out),
-            "--iters", "400", "--ckpt-every", "5", "--log-every", "1", *TINY]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    common_args = ["--steps", 200, "--lr-steps", 20, "--save-every", 5, "--log-every", 1, *TINY]
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    run("04_train_reid.py", "--data", root, "--out", straight, *common_args)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "04_train_reid.py"), "--data", str(root), "--out", str(out),
+                             *map(str, common_args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "checkpoint.pt"
-    while proc.poll() is None and not (ckpt.exists() and torch.load(ckpt, weights_only=False)["iteration"] >= 10):
-        time.sleep(0.2)
+    step = lambda: torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else 0
+    while proc.poll() is None and step() < 25:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(ckpt, weights_only=False)["iteration"]
-    assert 10 <= killed_at < 400 and not (out / "model.pt").exists()
-    r = run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", 400, "--ckpt-every", 5, "--log-every", 1, *TINY)
-    assert f"resumed from {ckpt} at iteration {killed_at}" in r.stdout
-    assert torch.load(out / "model.pt", weights_only=False)["iterations"] == 400
-    its = [int(l.split(",")[0]) for l in (out / "log.csv").read_text().splitlines()[1:]]
-    assert its == list(range(1, 401))  # no gap, no duplicate rows from the killed run
+    killed_at = step()
+    assert 25 <= killed_at < 200 and not (out / "model.pt").exists()
+    r = run("04_train_reid.py", "--data", root, "--out", out, *common_args)
+    assert f"resumed from {ckpt} at step {killed_at}" in r.stdout
+    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (straight, out))
+    assert b["iterations"] == 200 and a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    logs = [(d / "log.csv").read_text().splitlines() for d in (straight, out)]
+    assert [int(l.split(",")[0]) for l in logs[1][1:]] == list(range(1, 201))  # no gap, no duplicate rows
+    assert [l.split(",")[5] for l in logs[0]] == [l.split(",")[5] for l in logs[1]]  # the same learning rates
+    # resuming with a setting that changes the result is refused in one line, the checkpoint kept
+    os.remove(out / "model.pt")
+    r = run("04_train_reid.py", "--data", root, "--out", out, *common_args, "--lr", "2e-5", check=False)
+    assert_clean_error(r, "--lr 1e-05 (now 2e-05)")
+    assert step() == 200
+
+
+def test_loading_a_crafted_model_file_runs_no_code(tmp_path):
+    """A model.pt whose pickle would run code (here: create a file) is refused in one line."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    torch.save({"arch": "resnet18", "num_classes": 2, "state_dict": Evil()}, tmp_path / "model.pt")
+    root = make_market(tmp_path / "data", n_ids=2, per_cam=1)
+    r = run("05_evaluate.py", "--model", tmp_path / "model.pt", "--data", root, "--no-size-check", check=False)
+    assert_clean_error(r, "model.pt", "not a Re-ID model")
+    assert not marker.exists()
 
 
 # -----------------------------------------------------------------------------
@@ -293,22 +320,22 @@ def assert_clean_error(r, *words):
 
 
 def test_bad_inputs(tmp_path):
-    r = run("04_train_reid.py", "--data-root", tmp_path / "nope", "--out", tmp_path / "o", check=False)
+    r = run("04_train_reid.py", "--data", tmp_path / "nope", "--out", tmp_path / "o", check=False)
     assert_clean_error(r, "nope", "does not exist")
     root = make_market(tmp_path / "d1", n_ids=4, per_cam=1)
     os.rename(root / "query", root / "q2")
-    r = run("04_train_reid.py", "--data-root", root, "--out", tmp_path / "o", "--no-size-check", check=False)
+    r = run("04_train_reid.py", "--data", root, "--out", tmp_path / "o", "--no-size-check", check=False)
     assert_clean_error(r, "query", "missing")
     root = make_market(tmp_path / "d2", n_ids=4, per_cam=1)
     Image.new("RGB", (4, 8)).save(root / "bounding_box_train" / "IMG_1234.jpg")
-    r = run("04_train_reid.py", "--data-root", root, "--out", tmp_path / "o", "--no-size-check", check=False)
+    r = run("04_train_reid.py", "--data", root, "--out", tmp_path / "o", "--no-size-check", check=False)
     assert_clean_error(r, "IMG_1234.jpg")
     root = make_market(tmp_path / "d3", n_ids=4, per_cam=1)
     for f in (root / "bounding_box_test").iterdir():
         f.unlink()
-    r = run("05_evaluate.py", "--model", tmp_path / "m.pt", "--data-root", root, check=False)
+    r = run("05_evaluate.py", "--model", tmp_path / "m.pt", "--data", root, check=False)
     assert_clean_error(r, "m.pt")
-    r = run("04_train_reid.py", "--data-root", root, "--out", tmp_path / "o", "--no-size-check", check=False)
+    r = run("04_train_reid.py", "--data", root, "--out", tmp_path / "o", "--no-size-check", check=False)
     assert_clean_error(r, "bounding_box_test", "no images")
 
 
@@ -317,7 +344,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     bad = root / "bounding_box_train" / "0003_c1s1_999999_00.jpg"
     bad.write_bytes(b"\xff\xd8\xff not a jpeg")
     out = tmp_path / "reid"
-    r = run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", 3, *TINY)
+    r = run("04_train_reid.py", "--data", root, "--out", out, "--steps", 3, *TINY)
     assert "skipped 1 unreadable" in r.stdout
     assert "0003_c1s1_999999_00.jpg" in r.stderr
     assert (out / "model.pt").exists()
@@ -374,7 +401,7 @@ def test_slim_resnet_widths_and_reload(tmp_path):
         models.build_reid_model("shufflenet_v2_x0_5", 5, width_mult=0.5)
     root = make_market(tmp_path / "data")  # 04 stores the multiplier; 05 rebuilds the slim network from model.pt
     out = tmp_path / "slim"
-    run("04_train_reid.py", "--data-root", root, "--out", out, "--iters", 2, "--bnneck", "--width-mult", 0.25, *TINY)
+    run("04_train_reid.py", "--data", root, "--out", out, "--steps", 2, "--bnneck", "--width-mult", 0.25, *TINY)
     model, ckpt = models.load_reid_model(str(out / "model.pt"))
     assert ckpt["width_mult"] == 0.25 and model.feat_dim == 128
 
@@ -407,7 +434,7 @@ def test_extra_per_id_training_run(tmp_path):
     for i in range(16):
         util.save_image(str(extra / f"{1 + i % 8:04d}_c1s0_{i:06d}_00.jpg"), np.full((32, 16, 3), 40 * (i % 6), np.uint8))
     out = tmp_path / "mix"
-    run("04_train_reid.py", "--data-root", root, "--extra-train", extra, "--out", out, "--iters", 3, "--log-every", 1,
+    run("04_train_reid.py", "--data", root, "--extra-train", extra, "--out", out, "--steps", 3, "--log-every", 1,
         "--extra-per-id", 2, "--extra-label-smoothing", 0.1, "--extra-weight", 0.5, "--extra-triplet", "real", "--preload", *TINY)
     ce = [float(l.split(",")[3]) for l in (out / "log.csv").read_text().splitlines()[1:]]
     assert len(ce) == 3 and np.isfinite(ce).all()
@@ -418,10 +445,10 @@ def test_ddp_two_processes_cpu(tmp_path):
     out = tmp_path / "reid"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                        os.path.join(ROOT, "04_train_reid.py"), "--data-root", str(root), "--out", str(out),
-                        "--iters", "4", "--device", "cpu", *TINY], capture_output=True, text=True, env=env)
+                        os.path.join(ROOT, "04_train_reid.py"), "--data", str(root), "--out", str(out),
+                        "--steps", "4", "--device", "cpu", *TINY], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.load(out / "model.pt", weights_only=False)["iterations"] == 4
+    assert torch.load(out / "model.pt", weights_only=True)["iterations"] == 4
     assert "2 ranks hold identical weights" in r.stdout  # the ranks trained one model, not two
 
 

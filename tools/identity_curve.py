@@ -37,7 +37,7 @@ def measure(gen, out, run_dir, args):
                      "--world", world, "--out", oracle],
                     ["demo/fidelity.py", "--generated", generated, "--oracle", oracle, "--out", os.path.join(out, "fidelity.json")],
                     ["tools/identity_score.py", "--model", os.path.join(run_dir, "reid", "base_s0", "model.pt"),
-                     "--data-root", world, "--generated", generated, "--oracle", oracle, "--out", ident]):
+                     "--data", world, "--generated", generated, "--oracle", oracle, "--out", ident]):
             util.run_script(cmd)
     fid, idn = (util.load_json(os.path.join(out, f)) for f in ("fidelity.json", "identity.json"))
     g = fid["identity_gain_psnr_foreground"]

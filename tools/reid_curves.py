@@ -10,7 +10,7 @@ included, so the points lie on the curve of a single run), and after each stop 0
 model.pt on both test splits. Resumable: points already in the CSV
 are skipped. Needs a finished demo run (its world and augmented/oracle).
 
-  python tools/reid_curves.py --run runs/demo --out docs/reid_curves.png --iters 400 800 1600 3200 \\
+  python tools/reid_curves.py --run runs/demo --out docs/reid_curves.png --steps 400 800 1600 3200 \\
       --seeds 0 1 -- --arch resnet18 --width-mult 0.25 --bnneck ...   (04's arguments after --)
 """
 import os
@@ -28,9 +28,10 @@ import util  # noqa: E402
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--run", required=True, help="a demo run folder of run_all.sh (world/, augmented/oracle/)")
 p.add_argument("--out", required=True, help="the PNG; its .csv beside it holds the points")
-p.add_argument("--iters", type=int, nargs="+", required=True, help="iteration counts to evaluate at, ascending")
+p.add_argument("--steps", type=int, nargs="+", help="04's step counts to evaluate at, ascending")
 p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
 p.add_argument("--work", default=None, help="where the runs go (default: <run>/curves)")
+util.old_flag(p, "--iters", "--steps", type=int, nargs="+")
 p.add_argument("reid_args", nargs=argparse.REMAINDER, help="-- then 04_train_reid.py's arguments (model, lr, mixing)")
 
 
@@ -88,8 +89,10 @@ def table(points):
 def main():
     args = p.parse_args()
     reid = args.reid_args[1:] if args.reid_args[:1] == ["--"] else args.reid_args
-    if "--iters" in reid:
-        raise util.UserError("leave --iters out of 04's arguments: the curve's points set the iterations")
+    if not args.steps:
+        raise util.UserError("give --steps N [N ...]: the step counts to evaluate at")
+    if {"--steps", "--iters"} & set(reid):
+        raise util.UserError("leave --steps out of 04's arguments: the curve's points set the steps")
     world, oracle = os.path.join(args.run, "world"), os.path.join(args.run, "augmented", "oracle", "bounding_box_train")
     for path in (world, oracle):
         if not os.path.isdir(path):
@@ -106,13 +109,13 @@ def main():
     for k, (row, seed) in enumerate(runs):
         out = os.path.join(work, f"{row}_s{seed}")
         extra = [] if row == "base" else ["--extra-train", oracle]
-        for it in sorted(args.iters):
+        for it in sorted(args.steps):
             if all((row, seed, it, sp) in done for sp in ("same", "shifted")):
                 continue
-            stage("04_train_reid.py", "--data-root", world, "--out", out, "--seed", seed, "--iters", it, *extra, *reid)
+            stage("04_train_reid.py", "--data", world, "--out", out, "--seed", seed, "--steps", it, *extra, *reid)
             for split, root in (("same", world), ("shifted", os.path.join(world, "shifted"))):
                 name = f"{row}_s{seed}_it{it}_{split}"
-                stage("05_evaluate.py", "--model", os.path.join(out, "model.pt"), "--data-root", world, "--test-root", root,
+                stage("05_evaluate.py", "--model", os.path.join(out, "model.pt"), "--data", world, "--test-root", root,
                       "--name", name, "--results", os.path.join(work, "results"), "--no-size-check", "--workers", "0")
                 with open(os.path.join(work, "results", name + ".json")) as f:
                     r = json.load(f)
