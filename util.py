@@ -55,6 +55,17 @@ def old_flag(p, old, new, **kw):
             print(f"note: {old} is now {new} (the old spelling goes in the next release)", file=sys.stderr)
             setattr(namespace, dest, values)
     p.add_argument(old, dest=dest, action=Note, help=argparse.SUPPRESS, **kw)
+    new_action = p._option_string_actions.get(new)
+    if new_action is not None and new_action.required:  # either spelling satisfies a required flag
+        new_action.required = False
+        parse = p.parse_args
+
+        def parse_args(args=None, namespace=None):
+            ns = parse(args, namespace)
+            if getattr(ns, dest) is None:
+                p.error(f"the following arguments are required: {new}")
+            return ns
+        p.parse_args = parse_args
 
 
 def parse_size(text, flag="--size"):

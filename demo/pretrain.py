@@ -76,7 +76,7 @@ def main():
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="corpus render processes")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes for the tests (minutes)")
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--device", default="auto", help="for 02 and the random generator's VAE")
     args = ap.parse_args()
     if args.smoke:
         args.people, args.frames, args.encoder_steps, args.vae_steps = 4, 4, 4, 4
@@ -102,13 +102,13 @@ def main():
         run("random generator", ["demo/scratch_generator.py", "--stage", "1", "--data", os.path.join(corpus, "frames"),
                                  "--out", scratch, "--image-encoder", enc_dir, "--size", "64x128", "--vae-steps",
                                  str(args.vae_steps), "--vae-batch-size", "2" if args.smoke else "16"]
-            + (["--device", args.device] if args.device else []), log, log_path)
+            + ["--device", args.device], log, log_path)
     gen_cmd = ["02_train_generator.py", "--stage", "1", "--data", os.path.join(corpus, "frames"),
                "--conditions", os.path.join(corpus, "conditions"), "--out", gen_dir, "--init", scratch, "--size", "64x128",
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--ema", "0.999", "--min-snr-gamma", "5",
                "--cache-encodings",  # each frame through the frozen VAE and image encoder once, not twice a step
                "--save-every", str(args.snapshot_every), "--sample-every", str(args.snapshot_every)]
-    gen_cmd += ["--device", args.device] if args.device else []
+    gen_cmd += ["--device", args.device]
     gen_cmd += ["--ddim-steps", "2", "--num-val", "2"] if args.smoke else []
     for step in range(args.snapshot_every, args.steps + args.snapshot_every, args.snapshot_every):
         step = min(step, args.steps)
@@ -129,7 +129,7 @@ def main():
                 settings={k: v for k, v in vars(args).items() if k not in ("work", "out", "device")},
                 steps=log, training_log_rows=len(rows), git_commit=git,
                 machine=dict(host=socket.gethostname(), cpus=os.cpu_count(), platform=platform.platform(),
-                             device=args.device or "cpu"),
+                             device=util.pick_device(args.device)),
                 encoder_check=util.load_json(os.path.join(enc_dir, "encoder.json")))
     util.save_json(os.path.join(tmp, "provenance.json"), prov)
     models.swap_in(tmp, args.out)

@@ -365,7 +365,7 @@ def main():
     ap.add_argument("--overwrite", action="store_true", help="rebuild even if the same world exists")
     ap.add_argument("--small", action="store_true", help="tiny world for tests (6 train / 4 test ids, 2 per camera)")
     ap.add_argument("--smoke", action="store_true", help="smoke-test scale (30 train / 20 test ids, 3 per camera)")
-    ap.add_argument("--size", default="64x128", help="WIDTHxHEIGHT (default 64x128, like Market-1501)")
+    ap.add_argument("--size", default="64x128", help="WxH of the images (64x128, like Market-1501)")
     ap.add_argument("--smpl-model", default=None, help="SMPL model file; default: the open body assets/open_body.npz")
     build_world(ap.parse_args())
 
