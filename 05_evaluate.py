@@ -26,9 +26,8 @@ import models
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model.pt written by 04_train_reid.py")
-    required = p.add_mutually_exclusive_group(required=True)  # (a group: the old spelling counts as given too)
-    required.add_argument("--data", help="Market-1501-layout root the model was trained on")
-    util.old_flag(required, "--data-root", "--data")
+    p.add_argument("--data", required=True, help="Market-1501-layout root the model was trained on")
+    util.old_flag(p, "--data-root", "--data")
     p.add_argument("--test-root", help="folder with query/ and bounding_box_test/ if not --data (demo: world/shifted)")
     p.add_argument("--no-size-check", action="store_true", help="skip the Market/Duke image-count sanity check")
     p.add_argument("--dataset", choices=["auto", "market1501", "dukemtmc"], default="auto", help="which official image "

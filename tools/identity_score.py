@@ -48,9 +48,8 @@ def collapse(train_feats, feats, assigned, labels):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model.pt of row (I), trained without generated images (04)")
-    required = ap.add_mutually_exclusive_group(required=True)  # (a group: the old spelling counts as given too)
-    required.add_argument("--data", help="the Market-layout data set the model was trained on")
-    util.old_flag(required, "--data-root", "--data")
+    ap.add_argument("--data", required=True, help="the Market-layout data set the model was trained on")
+    util.old_flag(ap, "--data-root", "--data")
     ap.add_argument("--generated", required=True, help="03's folder: bounding_box_train/ + manifest.csv")
     ap.add_argument("--oracle", default=None, help="demo world: the oracle renders of the same jobs (demo/oracle.py)")
     ap.add_argument("--out", required=True, help="JSON to write")
