@@ -221,7 +221,11 @@ def load_models(args):
         sources = {k: prev.get(k) for k in ("pretrained", "image_encoder", "image_encoder_subfolder")}
         print(f"model from '{args.out if resume else args.init}' ({'resume' if resume else 'init'})")
         return gen, vae, enc, schedule, sources, not prev.get("pretrained")
-    unet = models.from_pretrained(UNet2DConditionModel, args.pretrained, "unet", what="pretrained weights")
+    if args.random_unets:  # the paper's row (V): SD-1.5's architecture, randomly initialised
+        torch.manual_seed(util.seed_of(args.seed, 9))
+        unet = UNet2DConditionModel.from_config(models.load_config(UNet2DConditionModel, args.pretrained, "unet"))
+    else:
+        unet = models.from_pretrained(UNet2DConditionModel, args.pretrained, "unet", what="pretrained weights")
     vae = models.from_pretrained(AutoencoderKL, args.pretrained, "vae", what="pretrained weights")
     sub = args.image_encoder_subfolder
     if sub is None and not models.has_file(args.image_encoder, "config.json") and \
@@ -236,7 +240,8 @@ def load_models(args):
     else:
         schedule = dict(models.SD15_SCHEDULE)
         print(f"'{args.pretrained}' has no scheduler/: training with SD-1.5's noise schedule")
-    print(f"weights: U-Net + VAE from '{args.pretrained}', image encoder from '{args.image_encoder}'")
+    print(f"weights: {'random U-Nets of the architecture of' if args.random_unets else 'U-Net +'} VAE from "
+          f"'{args.pretrained}', image encoder from '{args.image_encoder}'")
     ref = copy.deepcopy(unet)  # both U-Nets start from the same weights (paper 3.4)
     torch.manual_seed(util.seed_of(args.seed, 5))  # the guiders' random initialisation
     gen = common.Generator(ref, unet, common.build_guiders(unet.conv_in.out_channels, models.vae_factor(vae)))
@@ -328,6 +333,8 @@ def parse_args(argv=None):
                    "image_encoder/ when the encoder is there, as in lambdalabs/sd-image-variations-diffusers)")
     w.add_argument("--init", help="start from a generator folder: this script's (stage 1 -> stage 2) or "
                    "demo/scratch_generator.py's")
+    w.add_argument("--random-unets", action="store_true", help="with --pretrained: its U-Net's architecture with "
+                   "random weights (the VAE and CLIP stay pretrained): Table 1's row (V)")
     t = p.add_argument_group("training")
     t.add_argument("--size", default="192x384", help="WxH of images and maps (paper: 192x384; stage 1 768x768)")
     t.add_argument("--steps", type=int, default=30000, help="optimiser steps in total (a rerun resumes)")
@@ -367,6 +374,8 @@ def parse_args(argv=None):
     if bool(args.pretrained) == bool(args.init):
         raise UserError("give one of --pretrained PATH_OR_ID, --init GENERATOR_FOLDER (a random tiny one for the "
                         "demo: demo/scratch_generator.py)")
+    if args.random_unets and not args.pretrained:
+        raise UserError("--random-unets needs --pretrained (whose U-Net architecture, VAE and schedule it uses)")
     if args.pretrained and not args.image_encoder:
         raise UserError("--pretrained needs --image-encoder (a CLIPVisionModelWithProjection, e.g. "
                         "lambdalabs/sd-image-variations-diffusers)")

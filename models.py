@@ -166,6 +166,15 @@ def from_pretrained(cls, path_or_id, subfolder=None, what="weights"):
         raise UserError(f"cannot load {what} from '{where}': {msg}")
 
 
+def load_config(cls, path_or_id, subfolder=None):
+    """cls's config (no weights) from a local folder or hub id; one clear line when it is not there."""
+    try:
+        return cls.load_config(path_or_id, subfolder=subfolder)
+    except (OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read the config of '{path_or_id}'{f' ({subfolder}/)' if subfolder else ''}: {msg}")
+
+
 def has_file(path_or_id, filename):
     """Whether a local folder, or a hub repo (its local cache under HF_HUB_OFFLINE=1), has this file:
     how a hub id and a local folder of the same layout get the same treatment."""

@@ -636,6 +636,24 @@ def test_skip_missing_conditions_drops_images_and_small_groups(tmp_path):
     assert s02.check_conditions(items, groups, skip_missing=True) == [[0, 1], [4, 0]]
 
 
+def test_random_unets_keep_the_architecture_and_frozen_parts(world, tmp_path):
+    """Row (V): --random-unets builds SD's U-Net config with fresh weights (both U-Nets alike),
+    while the VAE and image encoder are the pretrained ones."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    s02 = load_stage("02_train_generator.py")
+    sd = UNet2DConditionModel.from_pretrained(os.path.join(world["sd"], "unet"))
+    vae_sd = AutoencoderKL.from_pretrained(os.path.join(world["sd"], "vae"))
+    gens = {}
+    for flag in ((), ("--random-unets",)):
+        gens[flag] = s02.load_models(s02.parse_args(list(map(str, train_args(world, str(tmp_path / "o"), 1, *flag)))))
+    (pre, vae, *_), (rnd, vae_r, *_) = gens[()], gens[("--random-unets",)]
+    w = lambda m: m.conv_in.weight
+    assert torch.equal(w(pre.denoising_unet), w(sd)) and not torch.equal(w(rnd.denoising_unet), w(sd))
+    arch = lambda m: {k: v for k, v in m.config.items() if not k.startswith("_")}  # (not its path or version)
+    assert torch.equal(w(rnd.denoising_unet), w(rnd.reference_unet)) and arch(rnd.denoising_unet) == arch(sd)
+    assert all(torch.equal(a, b) for a, b in zip(vae_r.state_dict().values(), vae_sd.state_dict().values()))
+
+
 def test_diffusion_loss_is_eq1_with_the_null_condition_by_hand():
     """02's diffusion_loss against the paper's eq. 1 written out: noisy = sqrt(abar_t) z +
     sqrt(1 - abar_t) eps, the MSE of the prediction to eps; dropped rows get no reference and a
