@@ -5,12 +5,21 @@ set: sampled poses x viewpoints with their maps, what 03 renders every reference
   python 01_render_smpl.py conditions --data runs/demo/world --out runs/demo/conditions
                  (real photos: --data DATA --smpl runs/<ds>/smpl, the sidecars of 01b_estimate_smpl.py)
   python 01_render_smpl.py targets    --out runs/demo/targets/vi --poses ood --views uniform
+  python 01_render_smpl.py bank       --smpl runs/<ds>/pose_videos/smpl --choose 20 \
+                 --away-from runs/<ds>/smpl/bounding_box_train.npz --out runs/<ds>/poses/videos.npz
 
 conditions: the maps of every training image, from its per-image SMPL parameters and camera
 (smpl/<split>.npz), aligned with the photo; 02 trains on (image, maps) pairs.
 targets: --num-poses poses (procedural, or drawn from an AMASS-style --pose-bank) x
 --views-per-pose viewpoints (uniform: the paper's elevation U[0,30] x azimuth U[0,360)), each
 rendered as a map set maps/<target_id>.{depth,normal,skeleton}.png + targets.csv + params.npz.
+Viewpoints can also be drawn from estimated photos (--views-from: (II)'s and (III)'s "training
+viewpoints" on real data).
+bank: the paper's target poses (3.2, 4.1: 20 poses from dance videos): the SMPL fits of video
+frames (01b) -> one AMASS-style pose bank; --choose N keeps N poses by greedy farthest-point
+sampling (open in the paper; chosen here): each next pose is the one whose nearest neighbour among
+the training photos' poses (--away-from) and the poses already chosen is farthest, with distance
+the RMS of the 24 joint positions (metres, root at the origin, canonical frame, neutral shape).
 
 Body: the open SMPL-layout body in assets/open_body.npz (CC0, see assets/README.md) by default;
 --smpl-model PATH selects an official SMPL file (.npz, or a .pkl converted with
@@ -73,6 +82,7 @@ def load_pose_bank(path, up="z"):
         raise util.UserError(f"pose bank '{path}': 'poses' has shape {poses.shape}, expected N x 72 (or more) "
                              f"SMPL axis-angle")
     body_pose = np.concatenate([poses[:, 3:66], np.zeros((len(poses), 6))], 1) if poses.shape[1] == 156 else poses[:, 3:72]
+    up = str(z["up"]) if "up" in z.files else up  # banks this script writes say so: y (the canonical frame)
     betas = np.zeros((len(poses), 10))
     if "betas" in z.files:
         bank_betas = np.asarray(z["betas"], dtype=np.float64)
@@ -103,7 +113,13 @@ def make_targets(args):
     else:
         global_orient, body_pose, kinds = procedural_poses(rng, num_poses, args.poses)
         betas, pose_ids, source = np.zeros((num_poses, 10)), np.arange(num_poses), f"procedural-{args.poses}"
-    elev, azim = sample_views(rng, num_targets, args.views)
+    if args.views_from:  # drawn from estimated photos' viewpoints
+        params = load_params(args.views_from)
+        rows = rng.integers(len(params["elevation"]), size=num_targets)
+        elev, azim = params["elevation"][rows].astype(np.float64), params["azimuth"][rows].astype(np.float64)
+        args.views = f"from {os.path.basename(args.views_from)}"
+    else:
+        elev, azim = sample_views(rng, num_targets, args.views)
     pose_of = np.repeat(np.arange(num_poses), views_per_pose)  # target row -> its pose
     model = load_body(args.smpl_model)
     verts, joints = body_forward(model, betas, global_orient, body_pose)
@@ -134,6 +150,63 @@ def make_targets(args):
     print(f"read {'pose bank ' + args.pose_bank if args.pose_bank else 'procedural ' + args.poses + ' poses'}; "
           f"wrote {num_targets} targets ({num_poses} poses x {views_per_pose} views, {args.views} viewpoints, "
           f"{size[1]}x{size[0]}) to {args.out}/targets.csv, params.npz, maps/ in {time.time() - t0:.1f} s")
+
+
+def pose_joints(model, body_pose):
+    """(N, 69) body poses -> (N, 72) joint positions: neutral shape, no root rotation, root joint
+    at the origin (what the distance between two poses is measured on)."""
+    n = len(body_pose)
+    _, joints = body_forward(model, np.zeros((n, 10)), np.zeros((n, 3)), body_pose)
+    joints = np.asarray(joints)[:, :24]
+    return (joints - joints[:, :1]).reshape(n, -1)
+
+
+def farthest_poses(candidates, avoid, n):
+    """Greedy farthest-point sampling: n rows of candidates (N, D), each next one the candidate
+    whose nearest neighbour among avoid (M, D) and the rows already chosen is farthest (RMS over
+    the D / 3 joints). -> (indices, that nearest distance at the time each was chosen)."""
+    rms = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).reshape(len(a), len(b), -1, 3).sum(-1).mean(-1))
+    nearest = np.full(len(candidates), np.inf)
+    for i in range(0, len(avoid), 2048):  # the training set may be large: in chunks
+        nearest = np.minimum(nearest, rms(candidates, avoid[i:i + 2048]).min(1))
+    chosen, at = [], []
+    for _ in range(min(n, len(candidates))):
+        k = int(np.argmax(nearest))
+        chosen.append(k), at.append(float(nearest[k]))
+        nearest = np.minimum(nearest, rms(candidates, candidates[k:k + 1])[:, 0])
+    return np.array(chosen), np.array(at)
+
+
+def make_bank(args):
+    """SMPL fits (01b's <name>.npz files, or a folder of them) -> an AMASS-style pose bank."""
+    t0 = time.time()
+    files = sorted(os.path.join(d, f) for d in args.smpl if os.path.isdir(d) for f in os.listdir(d)
+                   if f.endswith(".npz") and not f.endswith(".keypoints.npz")) + [f for f in args.smpl if not os.path.isdir(f)]
+    if not files:
+        raise util.UserError(f"no SMPL fits (.npz) in {' '.join(args.smpl)}: run 01b_estimate_smpl.py fit on the frames first")
+    body_pose, names = [], []
+    for f in files:
+        p = load_params(f)
+        body_pose.append(np.asarray(p["body_pose"], np.float64))
+        frames = p["names"] if "names" in p else [str(i) for i in range(len(p["body_pose"]))]
+        names += [f"{os.path.splitext(os.path.basename(f))[0]}/{n}" for n in frames]
+    body_pose = np.concatenate(body_pose)
+    if not len(body_pose):
+        raise util.UserError(f"the SMPL fits in {' '.join(args.smpl)} hold no poses (did 01b skip every frame?)")
+    keep, nearest = np.arange(len(body_pose)), np.full(len(body_pose), np.nan)
+    if args.choose:
+        model = load_body(args.smpl_model)
+        avoid = np.zeros((0, 72))
+        if args.away_from:
+            avoid = pose_joints(model, np.asarray(load_params(args.away_from)["body_pose"], np.float64))
+        keep, nearest = farthest_poses(pose_joints(model, body_pose), avoid, args.choose)
+    # the fits' root rotation is folded into their cameras: zero here, y up (the canonical frame)
+    poses = np.concatenate([np.zeros((len(keep), 3)), body_pose[keep, :69]], 1)
+    util.save_npz(args.out, poses=poses.astype(np.float32), up=np.array("y"), names=np.array(names)[keep],
+                  nearest_distance=np.asarray(nearest, np.float32))
+    print(f"read {len(body_pose)} poses from {len(files)} file(s); wrote {len(keep)} to {args.out}"
+          + (f" (farthest-point: nearest distance {nearest.min():.3f}-{nearest.max():.3f} m RMS over the joints, "
+             f"away from {args.away_from or 'nothing'})" if args.choose else "") + f" in {time.time() - t0:.1f} s")
 
 
 def make_conditions(args):
@@ -193,11 +266,20 @@ def build_parser():
     t.add_argument("--bank-up", choices=["z", "y"], default="z", help="up axis of the bank's root (AMASS: z)")
     t.add_argument("--views", choices=["uniform", "train"], default="uniform",
                    help="uniform = elevation U[0,30] x azimuth U[0,360); train = like the demo train cameras")
+    t.add_argument("--views-from", default=None, help="draw the viewpoints from a per-image SMPL file's elevation and "
+                   "azimuth (e.g. the training photos' fits) instead of --views")
     t.add_argument("--num-poses", type=int, default=20, help="poses drawn")
     t.add_argument("--views-per-pose", type=int, default=5, help="viewpoints each pose is rendered from")
     t.add_argument("--seed", type=int, default=0, help="seeds the poses and viewpoints")
     t.add_argument("--size", dest="sub_size", default=None, help="WxH of the maps (default 192x384, the paper's)")
-    for p in (c, t):
+    b = sub.add_parser("bank", help="SMPL fits of video frames -> a pose bank (the paper's dance-video poses)")
+    b.add_argument("--smpl", nargs="+", required=True, help="01b's per-video .npz files, or folders of them")
+    b.add_argument("--out", required=True, help="the bank .npz (AMASS-style: poses N x 72, for targets --pose-bank)")
+    b.add_argument("--choose", type=int, default=0, help="keep this many poses by farthest-point sampling (paper: "
+                   "20); 0: keep all")
+    b.add_argument("--away-from", default=None, help="a per-image SMPL file (the training photos' fits) whose poses "
+                   "the chosen ones should differ from")
+    for p in (c, t, b):
         p.add_argument("--smpl-model", dest="sub_smpl_model", default=None, help="as the top-level --smpl-model")
     return ap
 
@@ -211,7 +293,9 @@ def parse_args(argv=None):
     args.smpl_model = getattr(args, "sub_smpl_model", None) or args.smpl_model
     if args.cmd is None:
         ap.print_help()
-        raise util.UserError("give a subcommand: conditions or targets (the demo world: demo/world.py)")
+        raise util.UserError("give a subcommand: conditions, targets or bank (the demo world: demo/world.py)")
+    if args.cmd == "bank" and args.choose < 0:
+        raise util.UserError(f"--choose {args.choose}: must be 0 (keep all) or more")
     if args.cmd == "targets":
         args.size = args.size or "192x384"
     return args
@@ -221,6 +305,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.cmd == "targets":
         return make_targets(args)
+    if args.cmd == "bank":
+        return make_bank(args)
     make_conditions(args)
 
 

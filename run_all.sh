@@ -26,6 +26,20 @@
 #   --stage1-data DIR     the paper's stage 1: video frames <video_id>/<frame>.jpg (e.g. UBC
 #                         Fashion); their SMPL is estimated here too, or given with
 #                         --stage1-smpl DIR (<video_id>.npz) [STAGE1_DATA, STAGE1_SMPL]
+#   --pose-videos DIR     the paper's target poses: dance videos <video_id>/<frame>.jpg (e.g.
+#                         Everybody Dance Now); their SMPL is estimated here, and the 20 poses
+#                         farthest from the training photos' and from each other are the targets
+#                         of rows (III), (VI) and Table 2 [POSE_VIDEOS]; without it (or
+#                         --pose-bank FILE, an AMASS-style .npz [POSE_BANK]) procedural poses
+#                         stand in for them
+#   --smpl-model FILE     SMPL body model (.npz, or .pkl via tools/convert_smpl_pkl.py); default
+#                         the open body assets/open_body.npz [SMPL_MODEL]
+#   --stage1-steps N, --gen-steps N   generator steps of stage 1 and 2 (paper: 30000 each)
+#   --reid-steps N        Re-ID optimiser steps (paper: 20000)
+#   --mixing camstyle|pool  how generated images join the Re-ID batches: camstyle (default, chosen
+#                         on the demo: docs/reid.md) or pool (the paper's plain pooling) [MIXING]
+#   --added stated|totals   (VI)'s generated-image count: the paper's stated 45,500 (Market) /
+#                         49,000 (Duke), or the 14,000 its totals imply [ADDED]
 #   --seeds "0 1 2"       Re-ID seeds per table row [SEEDS]
 #   --device cpu|cuda     [DEVICE]
 #   --no-size-check       real data: skip the official image-count check (subsets)
@@ -46,7 +60,8 @@ DATA_ROOT=${DATA_ROOT:-}; SMPL_DIR=${SMPL_DIR:-}
 PRETRAINED=${PRETRAINED:-stable-diffusion-v1-5/stable-diffusion-v1-5}
 IMAGE_ENCODER=${IMAGE_ENCODER:-lambdalabs/sd-image-variations-diffusers}
 VITPOSE=${VITPOSE:-usyd-community/vitpose-base-simple}; STAGE1_DATA=${STAGE1_DATA:-}; STAGE1_SMPL=${STAGE1_SMPL:-}
-SEEDS=${SEEDS:-}; DEVICE=${DEVICE:-}
+SEEDS=${SEEDS:-}; DEVICE=${DEVICE:-}; POSE_VIDEOS=${POSE_VIDEOS:-}; POSE_BANK=${POSE_BANK:-}
+SMPL_MODEL=${SMPL_MODEL:-}; MIXING=${MIXING:-camstyle}; ADDED=${ADDED:-stated}
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
@@ -61,6 +76,14 @@ while [ $# -gt 0 ]; do
     --stage1-data) STAGE1_DATA=$2; shift ;;
     --stage1-smpl) STAGE1_SMPL=$2; shift ;;
     --seeds) SEEDS=$2; shift ;;
+    --pose-videos) POSE_VIDEOS=$2; shift ;;
+    --pose-bank) POSE_BANK=$2; shift ;;
+    --smpl-model) SMPL_MODEL=$2; shift ;;
+    --stage1-steps) STAGE1_STEPS=$2; shift ;;
+    --gen-steps) GEN_STEPS=$2; shift ;;
+    --reid-steps) REID_STEPS=$2; shift ;;
+    --mixing) MIXING=$2; shift ;;
+    --added) ADDED=$2; shift ;;
     --device) DEVICE=$2; shift ;;
     -h|--help) usage 0 ;;
     *) echo "error: unknown option '$1' (see bash run_all.sh --help)" >&2; exit 2 ;;
@@ -89,9 +112,24 @@ if [ "$DATASET" != demo ]; then
       done
     fi
   fi
+  case "$MIXING" in camstyle|pool) ;; *) echo "error: --mixing '$MIXING': use camstyle or pool" >&2; missing=1 ;; esac
+  case "$ADDED" in stated|totals) ;; *) echo "error: --added '$ADDED': use stated or totals" >&2; missing=1 ;; esac
+  [ -z "$POSE_BANK" ] || need "pose bank (--pose-bank)" "$POSE_BANK" "pass an AMASS-style .npz (key poses, N x 72)"
+  [ -z "$SMPL_MODEL" ] || need "SMPL model (--smpl-model)" "$SMPL_MODEL" "pass the .npz (tools/convert_smpl_pkl.py converts the official .pkl)"
+  PVIDS=""
+  if [ -n "$POSE_VIDEOS" ]; then
+    need "dance videos (--pose-videos)" "$POSE_VIDEOS" "pass a folder of <video_id>/<frame>.jpg"
+    if [ -d "$POSE_VIDEOS" ]; then
+      for d in "$POSE_VIDEOS"/*/; do
+        [ -d "$d" ] && ls "$d" | grep -qiE '\.(jpg|jpeg|png)$' && PVIDS="$PVIDS $(basename "$d")"
+      done
+      [ -n "$PVIDS" ] || { echo "error: dance videos (--pose-videos) '$POSE_VIDEOS' has no <video_id>/ folders with .jpg/.png frames" >&2; missing=1; }
+    fi
+  fi
   if [ $missing = 1 ] && [ $DRY = 0 ]; then exit 2; fi
   [ $missing = 0 ] || echo "(dry run: the commands below use the paths as given)" >&2
   [ -z "$STAGE1_DATA" ] || [ -n "$VIDEOS" ] || VIDEOS="VIDEO_ID..."  # dry run before the videos are there
+  [ -z "$POSE_VIDEOS" ] || [ -n "$PVIDS" ] || PVIDS="VIDEO_ID..."
 fi
 
 if [ $DRY = 0 ]; then
@@ -114,9 +152,9 @@ record_time() { echo "$1,$2,$INVOCATION" >> "$TIMES"; }  # record_time NAME SECO
 stage() {  # [DONE_IF=OUT:IN] stage NAME SCRIPT ARGS...: run a stage script (unless OUT is newer than IN), time it
   local name=$1 script=$2; shift 2
   if [ $DRY = 1 ]; then printf 'python %s' "$script"; printf ' %q' "$@"; echo; return; fi
-  if [ ! -f "$script" ]; then echo "== $name: $script is not built yet; stopping here"; exit 0; fi
+  if [ ! -f "$script" ]; then echo "error: stage '$name': '$script' is missing: restore it from git" >&2; exit 2; fi
   if [ -n "${DONE_IF:-}" ] && [ "${DONE_IF%%:*}" -nt "${DONE_IF#*:}" ]; then echo "== $name: done (${DONE_IF%%:*})"; return; fi
-  echo "== $name: python $script $*"
+  printf '== %s: python %s' "$name" "$script"; printf ' %q' "$@"; echo  # (the --dry-run line, exactly)
   local t0=$SECONDS
   python "$script" "$@"
   record_time "$name" $((SECONDS - t0))
@@ -125,18 +163,24 @@ stage() {  # [DONE_IF=OUT:IN] stage NAME SCRIPT ARGS...: run a stage script (unl
 
 if [ "$DATASET" != demo ]; then  # every weight the run will load can be had: one line each if not, before any stage
   WEIGHTS=(sd15="$PRETRAINED" image_encoder="$IMAGE_ENCODER")
-  { [ -n "$SMPL_DIR" ] && { [ -z "$STAGE1_DATA" ] || [ -n "$STAGE1_SMPL" ]; }; } || WEIGHTS+=(vitpose="$VITPOSE")
+  { [ -n "$SMPL_DIR" ] && { [ -z "$STAGE1_DATA" ] || [ -n "$STAGE1_SMPL" ]; } && [ -z "$POSE_VIDEOS" ]; } || WEIGHTS+=(vitpose="$VITPOSE")
   [ $SMOKE = 1 ] || WEIGHTS+=(resnet50="${RESNET_WEIGHTS:-imagenet}")
   if [ $DRY = 1 ]; then printf 'python tools/check_weights.py'; printf ' %q' "${WEIGHTS[@]}"; echo
   else python tools/check_weights.py "${WEIGHTS[@]}" || exit 2; fi
 fi
 
 # Table 1 rows: which poses and viewpoints each augmentation variant draws its targets from
-#   ii: in-distribution poses + train-like viewpoints   iii: out-of-distribution poses, train-like views
-#   iv: in-distribution poses + uniform viewpoints      vi: both (Diff-ID)
-#   v: (VI)'s targets from a generator randomly initialised, trained on the train split only (demo --tables)
-declare -A POSES=([ii]=id [iii]=ood [iv]=id [vi]=ood)
-declare -A VIEWS=([ii]=train [iii]=train [iv]=uniform [vi]=uniform)
+#   ii: in-distribution poses + train viewpoints    iii: out-of-distribution poses, train viewpoints
+#   iv: in-distribution poses + uniform viewpoints  vi: both (Diff-ID)
+#   v: (VI)'s targets from a generator whose U-Nets start from random weights
+# In distribution: on the demo world its train cameras and walking/standing poses; on real data the
+# training photos' own estimated poses and viewpoints. Out of distribution: the dance videos' poses
+# (real data), the demo's procedural kinds. Uniform: elevation U[0,30], azimuth U[0,360).
+target_args() {  # target_args ROW: sets TARGET to the pose and viewpoint flags of 01 targets for that row
+  case $1 in ii|iv) TARGET=("${ID_POSES[@]}") ;; *) TARGET=("${OOD_POSES[@]}") ;; esac
+  case $1 in ii|iii) TARGET+=("${TRAIN_VIEWS[@]}") ;; *) TARGET+=(--views uniform) ;; esac
+}
+ID_POSES=(--poses id); OOD_POSES=(--poses ood); TRAIN_VIEWS=(--views train)
 VARIANTS=$([ $TABLES = 1 ] && echo "ii iii iv vi" || echo vi)   # what gets generated
 # the demo's "pre-trained diffusion": the generator demo/pretrain.py builds from a corpus of other people
 DEMO_GENERATOR=${DEMO_GENERATOR:-assets/demo_generator}
@@ -150,7 +194,7 @@ if [ "$DATASET" = demo ]; then
     WORLD=(--smoke); TARGETS=(--num-poses 4 --views-per-pose 2)
     GEN=(--init "$DEMO_GENERATOR" --steps 20 --batch-size 2 --sample-every 0 --save-every 20 --cache-encodings)
     SCRATCH=(--vae-steps 30); GEN_V=(--steps 20 --sample-every 0 --save-every 20 --cache-encodings)
-    GENERATE=(--refs-per-pid 1 --targets-per-ref 1 --steps 4); FIGURES=(--tsne-max 100); SWEEP=""
+    GENERATE=(--refs-per-pid 1 --targets-per-ref 1 --ddim-steps 4); FIGURES=(--tsne-max 100); SWEEP=""
     REID=(--arch resnet18 --backbone-weights none --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --size 32x64
           --P 8 --K 4 --steps 20 --lr-steps 15 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload --workers 0)
     SEEDS=${SEEDS:-0}
@@ -190,30 +234,57 @@ else
   TARGETS=(--num-poses 20 --views-per-pose 4)
   FIT=(); STAGE1=(--steps ${STAGE1_STEPS:-30000} --batch-size 2)
   GEN=(--steps ${GEN_STEPS:-30000} --skip-missing-conditions $AMP)
-  # (VI) draws its images from an 80k pool like the paper's; Table 2 sweeps nested subsets of it
-  ADD=$([ "$DATASET" = market1501 ] && echo 45500 || echo 49000)
+  # (VI) draws its images from an 80k pool like the paper's; Table 2 sweeps nested subsets of it.
+  # The paper states 45,500 (Market) / 49,000 (Duke) added images, but its totals imply 14,000.
+  ADD=$([ "$ADDED" = totals ] && echo 14000 || { [ "$DATASET" = market1501 ] && echo 45500 || echo 49000; })
   GENERATE=(--refs-per-pid 5-7 --targets-per-ref 70 $AMP --num-images $ADD)
   GENERATE_VI=(--refs-per-pid 5-7 --targets-per-ref 70 $AMP --num-images 80000)
-  REID=(--backbone-weights "${RESNET_WEIGHTS:-imagenet}" $AMP)
+  # generated images join the batches as the demo's measurements chose (docs/reid.md): CamStyle-style,
+  # the real P x K batch plus one per identity at a quarter of the cross-entropy; or pooled (the paper)
+  MIX=$([ "$MIXING" = camstyle ] && echo "--extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25" || true)
+  REID=(--backbone-weights "${RESNET_WEIGHTS:-imagenet}" --steps ${REID_STEPS:-20000} $MIX $AMP)
   SWEEP="3500 7000 14000 21000 28000 35000 42000 56000"
   if [ $SMOKE = 1 ]; then  # tiny sizes: the tests run the real-data flow with tiny weights
     SIZE=64x128; SIZE1=64x64; TARGETS=(--num-poses 2 --views-per-pose 1)
-    FIT=(--steps 8 --inits 2 --batch 64 --min-score 0); STAGE1=(--steps 2 --batch-size 2 --sample-every 0 --save-every 2)
+    FIT=(--steps 8 --inits 2 --batch-size 64 --min-score 0); STAGE1=(--steps 2 --batch-size 2 --sample-every 0 --save-every 2)
     GEN=(--steps 2 --batch-size 2 --sample-every 0 --save-every 2 --skip-missing-conditions)
-    ADD=""; GENERATE=(--refs-per-pid 1 --targets-per-ref 1 --steps 2); GENERATE_VI=(--refs-per-pid 1 --targets-per-ref 2 --steps 2)
-    REID=(--backbone-weights none --arch resnet18 --size 32x64 --P 4 --K 2 --steps 2 --workers 0); SWEEP="2"
+    ADD=""; GENERATE=(--refs-per-pid 1 --targets-per-ref 1 --ddim-steps 2); GENERATE_VI=(--refs-per-pid 1 --targets-per-ref 2 --ddim-steps 2)
+    REID=(--backbone-weights none --arch resnet18 --size 32x64 --P 4 --K 2 --steps 2 --workers 0 $MIX); SWEEP="2"
   fi
+  GEN_V=("${GEN[@]}")
   SEEDS=${SEEDS:-0}
   SPLITS="same:$DATA_ROOT"
   NOCHECK=$([ $SIZECHECK = 1 ] && echo "--dataset $DATASET" || echo --no-size-check); NOCHECK=($NOCHECK)
+  BODY=(${SMPL_MODEL:+--smpl-model "$SMPL_MODEL"})
   if [ -z "$SMPL_DIR" ]; then  # SMPL of the training photos: ViTPose keypoints, then the SMPLify-style fit
     SMPL_DIR=$RUN/smpl
     DONE_IF=$SMPL_DIR/bounding_box_train.keypoints.npz:$DATA_ROOT/bounding_box_train stage "smpl keypoints" \
       01b_estimate_smpl.py keypoints --data "$DATA_ROOT" --out "$SMPL_DIR" --model "$VITPOSE"
     DONE_IF=$SMPL_DIR/bounding_box_train.npz:$SMPL_DIR/bounding_box_train.keypoints.npz stage "smpl fit" \
-      01b_estimate_smpl.py fit --out "$SMPL_DIR" "${FIT[@]}"
+      01b_estimate_smpl.py fit --out "$SMPL_DIR" "${FIT[@]}" "${BODY[@]}"
   fi
-  stage conditions 01_render_smpl.py conditions --data "$DATA_ROOT" --smpl "$SMPL_DIR" --out "$RUN/conditions" --size $SIZE
+  stage conditions 01_render_smpl.py "${BODY[@]}" conditions --data "$DATA_ROOT" --smpl "$SMPL_DIR" --out "$RUN/conditions" --size $SIZE
+  # the rows' poses and viewpoints (above): the training photos' own, and the dance videos'
+  TRAIN_SMPL=$SMPL_DIR/bounding_box_train.npz
+  DONE_IF=$RUN/poses/train.npz:$TRAIN_SMPL stage "pose bank (train)" 01_render_smpl.py bank --smpl "$TRAIN_SMPL" \
+    --out "$RUN/poses/train.npz"
+  ID_POSES=(--pose-bank "$RUN/poses/train.npz"); TRAIN_VIEWS=(--views-from "$TRAIN_SMPL")
+  if [ -n "$POSE_VIDEOS" ]; then
+    PV_SMPL=$RUN/pose_videos/smpl
+    DONE_IF=$PV_SMPL/keypoints.done:$POSE_VIDEOS stage "dance-video keypoints" \
+      01b_estimate_smpl.py keypoints --data "$POSE_VIDEOS" --splits $PVIDS --out "$PV_SMPL" --model "$VITPOSE"
+    [ $DRY = 1 ] || touch "$PV_SMPL/keypoints.done"
+    DONE_IF=$PV_SMPL/fit.done:$PV_SMPL/keypoints.done stage "dance-video smpl fit" \
+      01b_estimate_smpl.py fit --out "$PV_SMPL" --splits $PVIDS "${FIT[@]}" "${BODY[@]}"
+    [ $DRY = 1 ] || touch "$PV_SMPL/fit.done"
+    DONE_IF=$RUN/poses/videos.npz:$PV_SMPL/fit.done stage "pose bank (dance videos)" 01_render_smpl.py bank \
+      --smpl "$PV_SMPL" --choose 20 --away-from "$TRAIN_SMPL" --out "$RUN/poses/videos.npz"
+    OOD_POSES=(--pose-bank "$RUN/poses/videos.npz")
+  elif [ -n "$POSE_BANK" ]; then
+    OOD_POSES=(--pose-bank "$POSE_BANK")
+  else
+    [ $DRY = 1 ] || echo "note: no --pose-videos: procedural poses (body.py) stand in for the paper's dance-video poses"
+  fi
   if [ -n "$STAGE1_DATA" ]; then  # the paper's stage 1: SD-1.5 -> video frames (pose transfer within a video)
     if [ -z "$STAGE1_SMPL" ]; then
       STAGE1_SMPL=$RUN/stage1/smpl
@@ -221,10 +292,10 @@ else
         01b_estimate_smpl.py keypoints --data "$STAGE1_DATA" --splits $VIDEOS --out "$STAGE1_SMPL" --model "$VITPOSE"
       [ $DRY = 1 ] || touch "$STAGE1_SMPL/keypoints.done"
       DONE_IF=$STAGE1_SMPL/fit.done:$STAGE1_SMPL/keypoints.done stage "stage-1 smpl fit" \
-        01b_estimate_smpl.py fit --out "$STAGE1_SMPL" --splits $VIDEOS "${FIT[@]}"
+        01b_estimate_smpl.py fit --out "$STAGE1_SMPL" --splits $VIDEOS "${FIT[@]}" "${BODY[@]}"
       [ $DRY = 1 ] || touch "$STAGE1_SMPL/fit.done"
     fi
-    stage "stage-1 conditions" 01_render_smpl.py conditions --data "$STAGE1_DATA" --smpl "$STAGE1_SMPL" --splits $VIDEOS \
+    stage "stage-1 conditions" 01_render_smpl.py "${BODY[@]}" conditions --data "$STAGE1_DATA" --smpl "$STAGE1_SMPL" --splits $VIDEOS \
       --out "$RUN/stage1/conditions" --size $SIZE1
     stage "generator stage 1" 02_train_generator.py --stage 1 --data "$STAGE1_DATA" --conditions "$RUN/stage1/conditions" \
       --out "$RUN/generator_stage1" --pretrained "$PRETRAINED" --image-encoder "$IMAGE_ENCODER" --size $SIZE1 \
@@ -234,19 +305,24 @@ else
     [ $DRY = 1 ] || echo "note: no --stage1-data: the generator starts from '$PRETRAINED' directly, skipping the paper's stage 1 (training on fashion videos first)"
     GEN=(--pretrained "$PRETRAINED" --image-encoder "$IMAGE_ENCODER" "${GEN[@]}")
   fi
+  GEN_V=(--pretrained "$PRETRAINED" --image-encoder "$IMAGE_ENCODER" --random-unets "${GEN_V[@]}")
 fi
 
 for v in $VARIANTS; do
-  stage "targets $v" 01_render_smpl.py targets --out "$RUN/targets/$v" --poses ${POSES[$v]} --views ${VIEWS[$v]} \
+  target_args $v
+  stage "targets $v" 01_render_smpl.py ${BODY[@]+"${BODY[@]}"} targets --out "$RUN/targets/$v" "${TARGET[@]}" \
     --size $SIZE "${TARGETS[@]}"
 done
 stage generator 02_train_generator.py --data "$DATA_ROOT" --conditions "$RUN/conditions" --out "$RUN/generator" \
   --size $SIZE "${GEN[@]}" ${DEVICE:+--device $DEVICE}
-if [ "$DATASET" = demo ] && [ $TABLES = 1 ]; then  # (V): the same architecture, randomly initialised
-  DONE_IF=$RUN/scratch_v/args.json:$DATA_ROOT/identities.json stage "random generator (V)" demo/scratch_generator.py \
-    --data "$DATA_ROOT" --out "$RUN/scratch_v" --size $SIZE "${SCRATCH[@]}" ${DEVICE:+--device $DEVICE}
+if [ $TABLES = 1 ]; then  # (V): the same architecture, randomly initialised
+  if [ "$DATASET" = demo ]; then  # the demo's tiny networks, its small VAE trained on the train split
+    DONE_IF=$RUN/scratch_v/args.json:$DATA_ROOT/identities.json stage "random generator (V)" demo/scratch_generator.py \
+      --data "$DATA_ROOT" --out "$RUN/scratch_v" --size $SIZE "${SCRATCH[@]}" ${DEVICE:+--device $DEVICE}
+    GEN_V=(--init "$RUN/scratch_v" "${GEN_V[@]}")
+  fi
   stage "generator (V)" 02_train_generator.py --data "$DATA_ROOT" --conditions "$RUN/conditions" \
-    --out "$RUN/generator_v" --init "$RUN/scratch_v" --size $SIZE "${GEN_V[@]}" ${DEVICE:+--device $DEVICE}
+    --out "$RUN/generator_v" --size $SIZE "${GEN_V[@]}" ${DEVICE:+--device $DEVICE}
   VARIANTS="ii iii iv v vi"
 fi
 for v in $VARIANTS; do

@@ -27,7 +27,6 @@ SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the h
 # built-in values would show
 OWN_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.001, beta_end=0.02, beta_schedule="linear",
                     prediction_type="epsilon", clip_sample=False, steps_offset=1)
-RUNS = {}  # (dataset, source) -> run folder, shared by the tests below
 SD15, ENCODER = "stable-diffusion-v1-5/stable-diffusion-v1-5", "lambdalabs/sd-image-variations-diffusers"  # the defaults
 
 
@@ -123,14 +122,20 @@ def toolkit_parse(folder, dataset):
     return sorted(out)
 
 
-@pytest.mark.parametrize("dataset,source", [("market1501", "hub"), ("market1501", "local"), ("dukemtmc", "hub"),
-                                            ("dukemtmc", "local")])
-def test_run_all_real_data_offline(dataset, source, data, hub, tmp_path):
-    stage1 = ("--stage1-data", data["videos"]) if (dataset, source) == ("market1501", "hub") else ()
-    r = run_all(dataset, data, hub, tmp_path, source, *stage1)
+@pytest.fixture(scope="module")
+def market_run(data, hub, tmp_path_factory):
+    """The one real-data flow end to end, as a user runs it on GPUs but tiny: `run_all.sh market1501
+    --tables` with the default hub ids (from the cache), SMPL estimated in the run, the paper's
+    stage 1 on two videos and its dance-video poses from two more. -> (run folder, result)."""
+    runs = tmp_path_factory.mktemp("runs")
+    r = run_all("market1501", data, hub, runs, "hub", "--stage1-data", data["videos"], "--pose-videos", data["videos"],
+                "--tables")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    run = tmp_path / f"{dataset}-smoke"
-    RUNS[dataset, source] = run
+    return runs / "market1501-smoke", r
+
+
+def test_run_all_market1501_tables_offline(market_run, data):
+    run, r = market_run
     # SMPL estimated in the run, with the ViTPose of 01b's default id (from the cache)
     with np.load(run / "smpl" / "bounding_box_train.keypoints.npz") as z:
         assert str(z["model"]) == "usyd-community/vitpose-base-simple"
@@ -138,56 +143,52 @@ def test_run_all_real_data_offline(dataset, source, data, hub, tmp_path):
     # the noise schedule trained and sampled with is the pretrained repo's own, not SD-1.5's built-in values
     sched = json.load(open(run / "generator" / "scheduler" / "scheduler_config.json"))
     assert {k: sched[k] for k in OWN_SCHEDULE} == OWN_SCHEDULE
-    gargs = json.load(open(run / "generator" / "args.json"))
-    if stage1:  # stage 1 on the videos from the pretrained weights, then stage 2 from stage 1
-        s1 = json.load(open(run / "generator_stage1" / "args.json"))
-        assert s1["stage"] == 1 and s1["pretrained"] == SD15 and s1["image_encoder_subfolder"] == "image_encoder"
-        assert os.path.isdir(run / "stage1" / "conditions" / "vidA") and gargs["init"].endswith("generator_stage1")
-        assert "skipping the paper's stage 1" not in r.stdout
-    else:
-        assert gargs["pretrained"] in (SD15, hub["sd"]) and gargs["image_encoder_subfolder"] == "image_encoder"
-        assert "skipping the paper's stage 1" in r.stdout
+    # stage 1 on the videos from the pretrained weights, then stage 2 from stage 1
+    s1, gargs = (json.load(open(run / g / "args.json")) for g in ("generator_stage1", "generator"))
+    assert s1["stage"] == 1 and s1["pretrained"] == SD15 and s1["image_encoder_subfolder"] == "image_encoder"
+    assert os.path.isdir(run / "stage1" / "conditions" / "vidA") and gargs["init"].endswith("generator_stage1")
+    # (V): SD's architecture with random U-Nets; the rows' targets as the paper defines them on real data
+    assert json.load(open(run / "generator_v" / "args.json"))["random_unets"]
+    pose_source = lambda v: {x["pose_source"] for x in csv.DictReader(open(run / "targets" / v / "targets.csv"))}
+    assert pose_source("ii") == pose_source("iv") == {"bank:train.npz"}
+    assert pose_source("iii") == pose_source("vi") == {"bank:videos.npz"}
+    bank = np.load(run / "poses" / "videos.npz")
+    assert {str(n).split("/")[0] for n in bank["names"]} <= {"vidA", "vidB"} and len(bank["poses"]) <= 20
+    train = np.load(run / "smpl" / "bounding_box_train.npz")
+    for v in ("ii", "iii"):  # the training photos' own viewpoints
+        t = np.load(run / "targets" / v / "params.npz")
+        assert all(np.isclose(train["elevation"], e, atol=0.01).any() for e in t["elevation"])
     # every generated name reads in the toolkits, under the source image's pid and camera
     aug = run / "augmented" / "vi" / "bounding_box_train"
-    parsed = toolkit_parse(str(aug), dataset)
+    parsed = toolkit_parse(str(aug), "market1501")
     rows = {os.path.basename(x["file"]): x for x in csv.DictReader(open(run / "augmented" / "vi" / "manifest.csv"))}
     assert parsed and sorted(rows) == [p[0] for p in parsed]
     for name, pid, camid in parsed:
         assert (pid, camid) == util.parse_name(rows[name]["source"]) and "s0_" in name
     # 04 tells generated from real images by the folder they come from, not by the name
-    d = util.load_reid_dataset(data[dataset], extra_train=[str(aug)], check_sizes=False)
+    d = util.load_reid_dataset(data["market1501"], extra_train=[str(aug)], check_sizes=False)
     assert d["extra"] == {str(aug / n) for n, _, _ in parsed}
     summary = (run / "results" / "summary.md").read_text()
-    assert "| (I) no augmentation |" in summary and "| (VI) both = Diff-ID |" in summary
+    for row in ("(I) no augmentation", "(II)", "(III)", "(IV)", "(V)", "(VI) both = Diff-ID"):
+        assert f"| {row}" in summary, row
+    assert "skipping the paper's stage 1" not in r.stdout
 
 
-def test_dry_run_commands_give_the_same_files(data, hub, tmp_path):
-    ref = RUNS.get(("market1501", "local"))
-    if ref is None:
-        pytest.skip("needs the market1501 / local folders run of the test above")
-    r = run_all("market1501", data, hub, tmp_path, "local", "--dry-run")
-    assert r.returncode == 0, r.stderr
-    cmds = [l for l in r.stdout.splitlines() if l.startswith("python ")]
-    assert [c.split()[1] for c in cmds[:5]] == ["tools/check_weights.py", "01b_estimate_smpl.py", "01b_estimate_smpl.py", "01_render_smpl.py",
-                                                "01_render_smpl.py"]
-    assert not (tmp_path / "market1501-smoke").exists()  # a dry run writes nothing
-    for c in cmds:  # a user copying the commands into a shell, one by one
-        p = subprocess.run(["bash", "-c", c], capture_output=True, text=True, env=env(hub), cwd=ROOT)
-        assert p.returncode == 0, (c, p.stderr[-2000:])
-    mine = tmp_path / "market1501-smoke"
-    for sub in ("smpl", "conditions", "targets", "augmented"):
-        a = sorted(os.path.relpath(f, ref) for f in glob.glob(str(ref / sub / "**" / "*.*"), recursive=True))
-        b = sorted(os.path.relpath(f, mine) for f in glob.glob(str(mine / sub / "**" / "*.*"), recursive=True))
-        assert a == b and a, sub
-        for f in a:
-            if f.endswith(".npz"):  # zip members carry a timestamp: compare the arrays
-                za, zb = np.load(ref / f), np.load(mine / f)
-                assert all(np.array_equal(za[k], zb[k]) for k in za.files), f
-            else:
-                assert (ref / f).read_bytes() == (mine / f).read_bytes(), f
-    for f in glob.glob(str(ref / "results" / "*_s0_same.json")):
-        x, y = json.load(open(f)), json.load(open(mine / "results" / os.path.basename(f)))
-        assert {k: x[k] for k in ("mAP", "R1", "mINP")} == {k: y[k] for k in ("mAP", "R1", "mINP")}
+def test_dry_run_prints_the_commands_the_run_ran(market_run, data, hub, tmp_path):
+    """--dry-run lists every stage command, in order, exactly as the run itself ran them (its
+    '== stage: python ...' lines); it writes nothing."""
+    run, r = market_run
+    d = run_all("market1501", data, hub, run.parent, "hub", "--stage1-data", data["videos"], "--pose-videos",
+                data["videos"], "--tables", "--dry-run")
+    assert d.returncode == 0, d.stderr
+    planned = [l for l in d.stdout.splitlines() if l.startswith("python ") and "tools/summarize.py" not in l]
+    ran = [l.split(": ", 1)[1] for l in r.stdout.splitlines() if l.startswith("== ") and ": python " in l]
+    assert planned[0].startswith("python tools/check_weights.py") and planned[1:] == ran
+    for stage in ("01b_estimate_smpl.py keypoints --data " + data["videos"], "01_render_smpl.py bank",
+                  "--random-unets", "--pose-bank " + str(run / "poses" / "videos.npz")):
+        assert any(stage in l for l in planned), stage
+    dry = run_all("dukemtmc", data, hub, tmp_path, "local", "--dry-run")  # Duke: the same flow, nothing written
+    assert dry.returncode == 0 and "note" not in dry.stderr.lower() and not os.listdir(tmp_path)
 
 
 def test_missing_inputs_one_line(data, hub, tmp_path):
@@ -195,6 +196,19 @@ def test_missing_inputs_one_line(data, hub, tmp_path):
     assert r.returncode == 2 and "stage-1 videos (--stage1-data)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_all("market1501", data, hub, tmp_path, "hub", "--stage1-data", data["videos"], "--stage1-smpl", str(tmp_path))
     assert r.returncode == 2 and "vidA.npz' not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for args, words in ((("--pose-videos", str(tmp_path / "none")), "dance videos (--pose-videos)"),
+                        (("--mixing", "sum"), "--mixing 'sum'"), (("--added", "all"), "--added 'all'"),
+                        (("--pose-bank", str(tmp_path / "b.npz")), "pose bank (--pose-bank)")):
+        r = run_all("market1501", data, hub, tmp_path, "hub", *args)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_duke_generated_names_read_in_the_toolkits(tmp_path):
+    """Duke's cameras 1-8 (Market has 6): a generated name keeps the source's pid and camera."""
+    for pid, cam in ((1, 0), (702, 7)):
+        util.save_image(str(tmp_path / util.generated_name(pid, cam, 12)), np.zeros((8, 4, 3), np.uint8))
+    assert sorted((p, c) for _, p, c in toolkit_parse(str(tmp_path), "dukemtmc")) == [(1, 0), (702, 7)]
 
 
 def test_missing_weights_one_line_each_before_any_stage(data, hub, tmp_path):
