@@ -6,4 +6,4 @@ cd "$(dirname "$0")"
 source ./setup.sh
 set -euo pipefail
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_VISIBLE_DEVICES=""
-python -m pytest -q "$@"   # pytest.ini: testpaths = tests
+python -m pytest -q --durations=15 "$@"   # pytest.ini: testpaths = tests, a timeout per test

@@ -19,12 +19,17 @@ fi
 _key=$(cat "$_here/requirements.txt" "$_here/constraints.txt" | sha256sum | cut -c1-12)
 DIFFID_VENV="${DIFFID_VENV:-$HOME/.cache/diff-id/venv-$_key}"
 if [ ! -f "$DIFFID_VENV/.complete" ]; then
-  echo "setup: creating venv $DIFFID_VENV (first time only: about 2 minutes)"
-  rm -rf "$DIFFID_VENV"
-  python3 -m venv "$DIFFID_VENV"
-  "$DIFFID_VENV/bin/pip" install -q --upgrade pip
-  "$DIFFID_VENV/bin/pip" install -q -r "$_here/requirements.txt" -c "$_here/constraints.txt"
-  touch "$DIFFID_VENV/.complete"   # only a finished install counts: an interrupted one is redone
+  mkdir -p "$(dirname "$DIFFID_VENV")"
+  exec 9>"$DIFFID_VENV.lock"; flock 9   # two set-ups at once (parallel jobs): the second waits
+  if [ ! -f "$DIFFID_VENV/.complete" ]; then
+    echo "setup: creating venv $DIFFID_VENV (first time only: about 2 minutes)"
+    rm -rf "$DIFFID_VENV"
+    python3 -m venv "$DIFFID_VENV"
+    "$DIFFID_VENV/bin/pip" install -q --upgrade pip
+    "$DIFFID_VENV/bin/pip" install -q -r "$_here/requirements.txt" -c "$_here/constraints.txt"
+    touch "$DIFFID_VENV/.complete"   # only a finished install counts: an interrupted one is redone
+  fi
+  exec 9>&-
 fi
 source "$DIFFID_VENV/bin/activate"
 export PYOPENGL_PLATFORM="${PYOPENGL_PLATFORM:-osmesa}"
