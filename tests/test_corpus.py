@@ -267,6 +267,7 @@ def test_image_encoder_bad_corpus_is_one_line(corpus, tmp_path):
     assert not os.path.exists(tmp_path / "enc")
 
 
+@pytest.mark.timeout(900)  # a whole pipeline end to end
 def test_pretrain_smoke_snapshots_export_and_provenance(tmp_path):
     """demo/pretrain.py --smoke: corpus -> image encoder -> 02 stage 1 in two segments of 2 steps
     (the second resumes the first: its weights differ from the first snapshot's) -> the export

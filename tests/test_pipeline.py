@@ -4,6 +4,8 @@ import csv
 import json
 import subprocess
 
+import pytest
+
 from stages import ROOT  # noqa: E402  (puts the repository root on sys.path)
 import util  # noqa: E402
 
@@ -11,6 +13,7 @@ ROWS = ["(I) no augmentation", "(II) in-distribution poses and viewpoints", "(II
         "(IV) uniform viewpoints", "(V) = (VI) with a randomly initialised diffusion model", "(VI) both = Diff-ID", "ORACLE: (VI)'s jobs rendered as ground truth"]
 
 
+@pytest.mark.timeout(900)  # a whole pipeline end to end
 def test_run_all_demo_smoke(tmp_path):
     env = dict(os.environ, RUNS_DIR=str(tmp_path))
     r = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "demo", "--smoke", "--tables"], capture_output=True, text=True, env=env)

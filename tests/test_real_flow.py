@@ -134,6 +134,7 @@ def market_run(data, hub, tmp_path_factory):
     return runs / "market1501-smoke", r
 
 
+@pytest.mark.timeout(900)  # a whole pipeline end to end
 def test_run_all_market1501_tables_offline(market_run, data):
     run, r = market_run
     # SMPL estimated in the run, with the ViTPose of 01b's default id (from the cache)
@@ -174,6 +175,7 @@ def test_run_all_market1501_tables_offline(market_run, data):
     assert "skipping the paper's stage 1" not in r.stdout
 
 
+@pytest.mark.timeout(900)  # (runs the flow first when selected alone)
 def test_dry_run_prints_the_commands_the_run_ran(market_run, data, hub, tmp_path):
     """--dry-run lists every stage command, in order, exactly as the run itself ran them (its
     '== stage: python ...' lines); it writes nothing."""
