@@ -749,3 +749,20 @@ def test_02_ema_exported_and_resumed_exactly(world, tmp_path):
     assert all(torch.equal(p.cpu(), s.cpu()) for p, s in zip(exported, ca["ema"]["shadow_params"]))
     trained_params = [ca["model"][k] for k, _ in gen.named_parameters()]
     assert any(not torch.equal(p, q) for p, q in zip(exported, trained_params))  # EMA != the last weights
+
+
+def test_02_training_flags_change_the_trained_weights(world, tmp_path):
+    """--grad-accum, --amp, --drop-prob and --min-snr-gamma each change what 02 trains (same seed, 2
+    steps): a flag that did nothing would leave the weights bit-identical to the reference run's."""
+    from safetensors.torch import load_file
+    variants = {"reference": [], "grad-accum 2": ["--grad-accum", 2], "amp": ["--amp"], "drop-prob 1": ["--drop-prob", 1],
+                "min-snr 1": ["--min-snr-gamma", 1]}
+    weights = {}
+    for name, flags in variants.items():
+        out = str(tmp_path / name.replace(" ", "_"))
+        r = script("02_train_generator.py", *train_args(world, out, 2, *flags))
+        assert r.returncode == 0, r.stderr[-2000:]
+        weights[name] = load_file(os.path.join(out, "denoising_unet", "diffusion_pytorch_model.safetensors"))
+    for name in variants:
+        if name != "reference":
+            assert any(not torch.equal(weights[name][k], weights["reference"][k]) for k in weights[name]), name

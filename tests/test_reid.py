@@ -558,3 +558,56 @@ def test_reid_curves_table_pairs_by_seed():
     # same: (I) 55 +- 7.07, ORACLE 53 +- 5.66, paired differences -1 and -3: -2 +- 1.41
     assert rows[0] == "| 800 | same | 55.0 ± 7.1 | 53.0 ± 5.7 | -2.0 ± 1.4 | 2 |"
     assert rows[1] == "| 800 | shifted | 11.0 ± 1.4 | 19.0 ± 1.4 | +8.0 ± 2.8 | 2 |"
+
+
+# -----------------------------------------------------------------------------
+# flags that change training do change it
+
+def test_mixing_flags_change_the_trained_weights(tmp_path):
+    """CamStyle mixing's --extra-weight and --extra-label-smoothing, and --max-aug-share, each
+    change what 04 trains (same seed, same data, 3 steps): a flag that did nothing would leave the
+    weights bit-identical to the reference run's."""
+    root = make_market(tmp_path / "data")
+    extra = tmp_path / "aug" / "bounding_box_train"
+    for i in range(16):
+        util.save_image(str(extra / f"{1 + i % 8:04d}_c1s0_{i:06d}_00.jpg"), np.full((32, 16, 3), 40 * (i % 6), np.uint8))
+    mix = ["--extra-per-id", 2, "--extra-label-smoothing", 0.1, "--extra-weight", 0.5]
+    variants = {"reference": mix, "extra-weight 0": mix[:-1] + [0], "no smoothing": mix[:3] + [0] + mix[4:],
+                "pooled": [], "pooled, capped at 0": ["--max-aug-share", 0]}
+    weights = {}
+    for name, flags in variants.items():
+        out = tmp_path / name.replace(" ", "_").replace(",", "")
+        run("04_train_reid.py", "--data", root, "--extra-train", extra, "--out", out, "--steps", 3, *flags, *TINY)
+        weights[name] = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    same = lambda a, b: all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a])
+    for name in ("extra-weight 0", "no smoothing"):
+        assert not same("reference", name), name
+    assert not same("pooled", "pooled, capped at 0")
+
+
+def test_max_aug_share_caps_each_identitys_generated_slots():
+    labels = np.array([0] * 6 + [1] * 6)
+    is_aug = np.array([0, 0, 1, 1, 1, 1] * 2, bool)
+    real_by_label = {0: np.array([0, 1]), 1: np.array([6, 7])}
+    batch = [2, 3, 4, 5, 8, 9, 10, 11]  # P=2 x K=4, all generated
+    for share, cap in ((0.0, 0), (0.5, 2), (1.0, 4)):
+        out = train04.cap_augmented(batch, labels, is_aug, 4, share, real_by_label)
+        for i in (0, 4):  # each identity's K slots: at most `cap` generated, the rest its real images
+            group = out[i:i + 4]
+            assert sum(is_aug[group]) == cap and all(labels[j] == labels[batch[i]] for j in group)
+
+
+def test_flip_averages_the_mirrored_images_feature(tmp_path):
+    """05 --flip: the feature is the mean of the image's and its mirror's, computed by hand here."""
+    root = make_market(tmp_path / "data", n_ids=2, per_cam=1)
+    items = util.load_reid_dataset(str(root), check_sizes=False)["query"]
+    net = models.build_reid_model("resnet18", 3, bnneck=True, width_mult=0.25).eval()
+    plain = models.extract_features(net, items, "cpu", 32, 16, workers=0)
+    flipped = models.extract_features(net, items, "cpu", 32, 16, workers=0, flip=True)
+    import torchvision.transforms as T
+    x = torch.stack([T.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD)(T.ToTensor()(Image.open(p).convert("RGB")))
+                     for p, _, _ in items])
+    with torch.no_grad():
+        mirror = net(x.flip(3).contiguous(memory_format=torch.channels_last))[0]
+    torch.testing.assert_close(flipped, (plain + mirror) / 2, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain, flipped)
