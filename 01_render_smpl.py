@@ -16,10 +16,12 @@ rendered as a map set maps/<target_id>.{depth,normal,skeleton}.png + targets.csv
 Viewpoints can also be drawn from estimated photos (--views-from: (II)'s and (III)'s "training
 viewpoints" on real data).
 bank: the paper's target poses (3.2, 4.1: 20 poses from dance videos): the SMPL fits of video
-frames (01b) -> one AMASS-style pose bank; --choose N keeps N poses by greedy farthest-point
-sampling (open in the paper; chosen here): each next pose is the one whose nearest neighbour among
-the training photos' poses (--away-from) and the poses already chosen is farthest, with distance
-the RMS of the 24 joint positions (metres, root at the origin, canonical frame, neutral shape).
+frames (01b) -> one AMASS-style pose bank. The paper samples its 20 at random from the videos
+(--choose 0 keeps every pose; targets then draws at random). --choose N keeps N by greedy
+farthest-point sampling instead (a departure, chosen so that the targets are out of the training
+distribution by construction): each next pose is the one whose nearest neighbour among the
+training photos' poses (--away-from) and the poses already chosen is farthest, with distance the
+RMS of the 24 joint positions (metres, root at the origin, canonical frame, neutral shape).
 
 Body: the open SMPL-layout body in assets/open_body.npz (CC0, see assets/README.md) by default;
 --smpl-model PATH selects an official SMPL file (.npz, or a .pkl converted with

@@ -32,6 +32,8 @@
 #                         of rows (III), (VI) and Table 2 [POSE_VIDEOS]; without it (or
 #                         --pose-bank FILE, an AMASS-style .npz [POSE_BANK]) procedural poses
 #                         stand in for them
+#   --pose-choice farthest|random  the 20 video poses: farthest from the training poses and each
+#                         other (default), or at random as the paper samples them [POSE_CHOICE]
 #   --smpl-model FILE     SMPL body model (.npz, or .pkl via tools/convert_smpl_pkl.py); default
 #                         the open body assets/open_body.npz [SMPL_MODEL]
 #   --stage1-steps N, --gen-steps N   generator steps of stage 1 and 2 (paper: 30000 each)
@@ -61,7 +63,7 @@ PRETRAINED=${PRETRAINED:-stable-diffusion-v1-5/stable-diffusion-v1-5}
 IMAGE_ENCODER=${IMAGE_ENCODER:-lambdalabs/sd-image-variations-diffusers}
 VITPOSE=${VITPOSE:-usyd-community/vitpose-base-simple}; STAGE1_DATA=${STAGE1_DATA:-}; STAGE1_SMPL=${STAGE1_SMPL:-}
 SEEDS=${SEEDS:-}; DEVICE=${DEVICE:-}; POSE_VIDEOS=${POSE_VIDEOS:-}; POSE_BANK=${POSE_BANK:-}
-SMPL_MODEL=${SMPL_MODEL:-}; MIXING=${MIXING:-camstyle}; ADDED=${ADDED:-stated}
+SMPL_MODEL=${SMPL_MODEL:-}; MIXING=${MIXING:-camstyle}; ADDED=${ADDED:-stated}; POSE_CHOICE=${POSE_CHOICE:-farthest}
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
@@ -84,6 +86,7 @@ while [ $# -gt 0 ]; do
     --reid-steps) REID_STEPS=$2; shift ;;
     --mixing) MIXING=$2; shift ;;
     --added) ADDED=$2; shift ;;
+    --pose-choice) POSE_CHOICE=$2; shift ;;
     --device) DEVICE=$2; shift ;;
     -h|--help) usage 0 ;;
     *) echo "error: unknown option '$1' (see bash run_all.sh --help)" >&2; exit 2 ;;
@@ -114,6 +117,7 @@ if [ "$DATASET" != demo ]; then
   fi
   case "$MIXING" in camstyle|pool) ;; *) echo "error: --mixing '$MIXING': use camstyle or pool" >&2; missing=1 ;; esac
   case "$ADDED" in stated|totals) ;; *) echo "error: --added '$ADDED': use stated or totals" >&2; missing=1 ;; esac
+  case "$POSE_CHOICE" in farthest|random) ;; *) echo "error: --pose-choice '$POSE_CHOICE': use farthest or random" >&2; missing=1 ;; esac
   [ -z "$POSE_BANK" ] || need "pose bank (--pose-bank)" "$POSE_BANK" "pass an AMASS-style .npz (key poses, N x 72)"
   [ -z "$SMPL_MODEL" ] || need "SMPL model (--smpl-model)" "$SMPL_MODEL" "pass the .npz (tools/convert_smpl_pkl.py converts the official .pkl)"
   PVIDS=""
@@ -278,7 +282,8 @@ else
       01b_estimate_smpl.py fit --out "$PV_SMPL" --splits $PVIDS "${FIT[@]}" "${BODY[@]}"
     [ $DRY = 1 ] || touch "$PV_SMPL/fit.done"
     DONE_IF=$RUN/poses/videos.npz:$PV_SMPL/fit.done stage "pose bank (dance videos)" 01_render_smpl.py bank \
-      --smpl "$PV_SMPL" --choose 20 --away-from "$TRAIN_SMPL" --out "$RUN/poses/videos.npz"
+      --smpl "$PV_SMPL" --choose $([ "$POSE_CHOICE" = farthest ] && echo 20 || echo 0) --away-from "$TRAIN_SMPL" \
+      --out "$RUN/poses/videos.npz"
     OOD_POSES=(--pose-bank "$RUN/poses/videos.npz")
   elif [ -n "$POSE_BANK" ]; then
     OOD_POSES=(--pose-bank "$POSE_BANK")
