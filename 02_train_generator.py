@@ -205,8 +205,8 @@ def cache_inputs(data, items, size, vae, enc, device, autocast, batch_size=64):
 # the networks: SD-1.5 + CLIP (--pretrained), or a generator folder (--init, or this --out on resume)
 
 def load_models(args):
-    """-> (Generator, vae, image_encoder, noise-schedule config, sources dict, owned): owned when
-    the VAE and image encoder are the folder's own (they travel with the generator)."""
+    """-> (Generator, vae, image_encoder, noise-schedule config, sources dict, carries_frozen_parts):
+    the last is True when the VAE and image encoder are the folder's own (they travel with it)."""
     from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler
     from transformers import CLIPVisionModelWithProjection
     resume = os.path.isfile(os.path.join(args.out, "checkpoint.pt"))
@@ -291,7 +291,7 @@ def save(out, step, gen, opt, ema, args):
                          args=vars(args), **extra)
 
 
-def write_run_files(args, schedule, sources, owned, vae, enc):
+def write_run_files(args, schedule, sources, carries_frozen_parts, vae, enc):
     """args.json (with where the frozen parts come from), scheduler/, and vae/ + image_encoder/
     when the generator owns them."""
     from diffusers import DDPMScheduler
@@ -299,7 +299,7 @@ def write_run_files(args, schedule, sources, owned, vae, enc):
     run_args.update(size_hw=list(args.size), vae_factor=models.vae_factor(vae), conditions_kinds=list(common.COND_KINDS))
     util.save_json(os.path.join(args.out, "args.json"), run_args)
     models.save_pretrained_atomic(DDPMScheduler.from_config(schedule), os.path.join(args.out, "scheduler"))
-    if owned:
+    if carries_frozen_parts:
         for sub, m in (("vae", vae), ("image_encoder", enc)):
             if not os.path.isdir(os.path.join(args.out, sub)):
                 models.save_pretrained_atomic(m, os.path.join(args.out, sub))
@@ -448,7 +448,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     if is_main:
         util.remove_stale_temps(args.out)  # e.g. a checkpoint whose save a kill interrupted
-    gen, vae, enc, schedule, sources, owned = load_models(args)
+    gen, vae, enc, schedule, sources, carries_frozen_parts = load_models(args)
     params = prepare(gen, vae, enc, args, device)
     from diffusers import DDPMScheduler
     noise_sched = DDPMScheduler.from_config(schedule)
@@ -462,7 +462,7 @@ def main():
     model = torch.nn.parallel.DistributedDataParallel(gen, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else gen
     if is_main:
-        write_run_files(args, schedule, sources, owned, vae, enc)
+        write_run_files(args, schedule, sources, carries_frozen_parts, vae, enc)
         log = util.CsvLog(os.path.join(args.out, "log.csv"), ["step", "loss", "lr", "sec_per_step", "samples_per_sec"], start)
     if start >= args.steps:
         print(f"nothing to do: already trained {start} steps (--steps {args.steps})")
