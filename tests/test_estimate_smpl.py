@@ -20,7 +20,6 @@ import body  # noqa: E402
 e01 = load_stage("01b_estimate_smpl.py")
 SCRIPT = os.path.join(ROOT, "01b_estimate_smpl.py")
 RENDER = os.path.join(ROOT, "01_render_smpl.py")
-WORLD = os.path.join(ROOT, "demo", "world.py")
 
 
 def run(script, *args):
@@ -36,11 +35,8 @@ def smpl():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    r = run(WORLD, "--out", out, "--small", "--workers", "1")
-    assert r.returncode == 0, r.stderr
-    return str(out)
+def world(small_world):
+    return str(small_world)
 
 
 def fit_args(**kw):

@@ -74,14 +74,11 @@ def env(hub):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, small_world):
     """Tiny Market-1501 and DukeMTMC-reID folders (the demo world's people, renamed for Duke with
     cameras 6-8, which Market does not have) and two 'videos' of frames for stage 1."""
     root = tmp_path_factory.mktemp("data")
-    world = root / "world"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "demo", "world.py"), "--out", str(world), "--small", "--workers", "1"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
+    world = small_world
     market, duke = root / "Market-1501-v15.09.15", root / "DukeMTMC-reID"
     for split in ("bounding_box_train", "query", "bounding_box_test"):
         shutil.copytree(world / split, market / split)
