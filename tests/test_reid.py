@@ -163,6 +163,30 @@ def test_triplet_loss_matches_brute_force():
         assert common.triplet_loss(f, y, margin).item() == pytest.approx(total / 24, abs=1e-5)
 
 
+def test_reid_loss_by_hand():
+    """04's reid_loss: the paper's sum of the batch-hard triplet and the cross-entropy; with
+    CamStyle mixing (first n_real rows real) the real rows' cross-entropy plus extra_weight x the
+    generated rows' label-smoothed one, and the triplet over all rows or the real ones only."""
+    g = torch.Generator().manual_seed(1)
+    feat, logits = torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 0, 1, 2, 3])
+
+    def ce(rows, eps=0.0):  # cross-entropy written out, label smoothing as (1 - eps) one-hot + eps / C
+        logp = logits[rows] - logits[rows].exp().sum(1, keepdim=True).log()
+        target = torch.full_like(logp, eps / 4)
+        target[torch.arange(len(rows)), y[rows]] += 1 - eps
+        return -(target * logp).sum(1).mean()
+    loss, tri, l_ce = train04.reid_loss(feat, logits, y, 0.5)
+    assert torch.isclose(loss, common.triplet_loss(feat, y, 0.5) + ce(list(range(12))))
+    real, gen = list(range(8)), list(range(8, 12))
+    loss, tri, l_ce = train04.reid_loss(feat, logits, y, 0.5, n_real=8, extra_weight=0.25, extra_smoothing=0.1,
+                                        extra_triplet="real")
+    assert torch.isclose(tri, common.triplet_loss(feat[:8], y[:8], 0.5))
+    assert torch.isclose(l_ce, ce(real) + 0.25 * ce(gen, 0.1)) and torch.isclose(loss, tri + l_ce)
+    _, tri_all, _ = train04.reid_loss(feat, logits, y, 0.5, n_real=8, extra_triplet="all")
+    assert torch.isclose(tri_all, common.triplet_loss(feat, y, 0.5)) and not torch.isclose(tri_all, tri)
+
+
 # -----------------------------------------------------------------------------
 # evaluator
 
