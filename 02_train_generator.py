@@ -1,31 +1,25 @@
 """
 Stage 02: train the Diff-ID generator (paper 3.4 + 4.1): a reference U-Net and a denoising U-Net
-of identical config, plus one pose guider per condition map (depth, normal, skeleton); the VAE and
-the CLIP image encoder stay frozen. The loss is the paper's eq. 1 (diffusion_loss below).
+of one config, plus one pose guider per condition map (depth, normal, skeleton); the VAE and the
+CLIP image encoder stay frozen. The loss is the paper's eq. 1 (diffusion_loss below). Stage 1:
+pairs are two frames of one video far apart (<data>/<video_id>/<frame>); stage 2: two images of
+one person id in a Market-1501-layout root.
 
-  stage 1: pairs = two frames of one video far apart (the paper: fashion videos); layout
-      <data>/<video_id>/<frame>, maps <conditions>/<video_id>/<frame>.{depth,normal,skeleton}.png
-  stage 2 (default): pairs = two images of one person id in a Market-1501-layout root.
-
-  python 02_train_generator.py --stage 1 --data VIDEOS --conditions COND1 --out runs/x/generator_stage1 \\
-      --pretrained stable-diffusion-v1-5/stable-diffusion-v1-5 --image-encoder lambdalabs/sd-image-variations-diffusers \\
-      --size 768x768 --batch-size 2 --steps 30000
-  python 02_train_generator.py --data DATA --conditions COND --out runs/x/generator --init runs/x/generator_stage1 \\
-      --size 192x384 --steps 30000
+  python 02_train_generator.py --stage 1 --data VIDEOS --conditions COND1 --out runs/x/generator_stage1 \
+      --pretrained stable-diffusion-v1-5/stable-diffusion-v1-5 --image-encoder lambdalabs/sd-image-variations-diffusers \
+      --size 768x768 --batch-size 2
+  python 02_train_generator.py --data DATA --conditions COND --out runs/x/generator --init runs/x/generator_stage1
   torchrun --nproc_per_node N 02_train_generator.py ...      # DDP
 
-Weights: --pretrained (SD-1.5, a hub id or a local diffusers folder with unet/ vae/ [scheduler/])
-with --image-encoder (a CLIPVisionModelWithProjection; a repo that keeps it in image_encoder/ is
-found too), or --init (a generator folder this script wrote, or demo/scratch_generator.py's random
-tiny one). Writes into --out: reference_unet/, denoising_unet/, guiders.safetensors, scheduler/
-(the schedule trained with; 03 samples with it), vae/ and image_encoder/ when --init brought its
-own, args.json, checkpoint.pt (rerun the same command to resume), log.csv, samples/step_*.png
-(reference | depth | normal | skeleton | generated | target).
+--init takes a generator folder (this script's, or demo/scratch_generator.py's random tiny one).
+Writes into --out: reference_unet/, denoising_unet/, guiders.safetensors, scheduler/ (03 samples
+with it), vae/ + image_encoder/ when --init brought its own, args.json, checkpoint.pt (rerun the
+same command to resume), log.csv, samples/step_*.png (reference | maps | generated | target).
 
-Paper / open / chosen: eq. 1's epsilon MSE (paper); condition dropout 0.1 drops the reference and
-the CLIP embedding together (open; AnimateAnyone's); AdamW lr 1e-5 (paper), weight decay 0.01 and
-gradient clipping 1.0 (open; diffusers' defaults); --min-snr-gamma and --ema are off by default
-(not in the paper; the demo uses both, docs/generator.md).
+Paper / open / chosen: eq. 1's epsilon MSE, AdamW lr 1e-5, weight decay 0.01 (paper); condition
+dropout 0.1 drops the reference and the CLIP embedding together, gradient clipping 1.0 (open;
+AnimateAnyone's, diffusers' defaults); --min-snr-gamma and --ema are not in the paper (the demo
+uses both: docs/generator.md).
 """
 import os
 import time
@@ -169,6 +163,16 @@ class PairData(torch.utils.data.Dataset):
             return tgt, ref, conds
         return models.load_image_tensor(tgt_path, self.size), models.load_image_tensor(ref_path, self.size), conds
 
+    def cache_maps(self):
+        """--cache-encodings: every target's maps decoded once, into memory (8-bit, as the PNGs hold
+        them), and items returned as indices (the loop looks their encodings up)."""
+        self.maps = {k: torch.zeros(len(self.items), common.COND_CHANNELS[k], *self.size, dtype=torch.uint8)
+                     for k in common.COND_KINDS}
+        for i in tqdm(sorted(set(self.members)), desc="maps", mininterval=1.0):
+            for kind, v in body.load_conditions(*self.items[i][1:], self.size).items():
+                self.maps[kind][i] = (v * 255).round().to(torch.uint8)
+        self.return_indices = True
+
 
 
 def batches(start_micro, batch_size, rank, world):
@@ -179,27 +183,6 @@ def batches(start_micro, batch_size, rank, world):
         yield list(range(base, base + batch_size))
         m += 1
 
-
-@torch.no_grad()
-def cache_inputs(data, items, size, vae, enc, device, autocast, batch_size=64):
-    """--cache-encodings: every image's VAE latents (the posterior mean) and CLIP embedding, once
-    and on the device: the encoders are frozen, so training is the same; and the targets' maps,
-    decoded once into memory (8-bit, as the PNGs hold them). -> (latents, embeddings)."""
-    lat, emb = [], []
-    for i in tqdm(range(0, len(items), batch_size), desc="encoding the images once"):
-        x = torch.stack([models.load_image_tensor(p, size) for p, _, _ in items[i:i + batch_size]]).to(device)
-        with autocast():
-            lat.append(models.encode_latents(vae, x).float())
-            emb.append(models.clip_embed(enc, x).float())
-    lat, emb = torch.cat(lat), torch.cat(emb)
-    data.maps = {k: torch.zeros(len(items), common.COND_CHANNELS[k], *size, dtype=torch.uint8) for k in common.COND_KINDS}
-    for i in tqdm(sorted(set(data.members)), desc="maps", mininterval=1.0):
-        for kind, v in body.load_conditions(*items[i][1:], size).items():
-            data.maps[kind][i] = (v * 255).round().to(torch.uint8)
-    data.return_indices = True
-    print(f"cached the latents and CLIP embeddings of {len(items)} images ({(lat.numel() + emb.numel()) * 4 / 2 ** 20:.1f} "
-          f"MB on {device}) and the maps of {len(set(data.members))} targets")
-    return lat, emb
 
 # -----------------------------------------------------------------------------
 # the networks: SD-1.5 + CLIP (--pretrained), or a generator folder (--init, or this --out on resume)
@@ -247,7 +230,6 @@ def load_models(args):
     gen = common.Generator(ref, unet, common.build_guiders(unet.conv_in.out_channels, models.vae_factor(vae)))
     sources = dict(pretrained=args.pretrained, image_encoder=args.image_encoder, image_encoder_subfolder=sub)
     return gen, vae.eval().requires_grad_(False), enc.eval().requires_grad_(False), schedule, sources, False
-
 
 
 # -----------------------------------------------------------------------------
@@ -468,7 +450,10 @@ def main():
         print(f"nothing to do: already trained {start} steps (--steps {args.steps})")
         return
     val = validation_batch(data, args)  # (before the cache: the grid needs the images themselves)
-    cache = cache_inputs(data, items, args.size, vae, enc, device, autocast) if args.cache_encodings else None
+    cache = None
+    if args.cache_encodings:  # the encoders are frozen: encoding each image once trains the same
+        cache = models.encode_images([path for path, _, _ in items], args.size, vae, enc, device, autocast)
+        data.cache_maps()
     it = iter(torch.utils.data.DataLoader(data, batch_sampler=batches(start * args.grad_accum, args.batch_size, rank, world),
                                           num_workers=args.workers, persistent_workers=args.workers > 0))
 

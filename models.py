@@ -68,6 +68,21 @@ def clip_embed(image_encoder, images):
     return image_encoder(pixel_values=clip_pixels(image_encoder, images)).image_embeds[:, None]
 
 
+@torch.no_grad()
+def encode_images(paths, size, vae, image_encoder, device, autocast, batch_size=64):
+    """-> (VAE latents, CLIP embeddings) of every image file, on the device (02 --cache-encodings)."""
+    lat, emb = [], []
+    for i in tqdm(range(0, len(paths), batch_size), desc="encoding the images once"):
+        x = torch.stack([load_image_tensor(p, size) for p in paths[i:i + batch_size]]).to(device)
+        with autocast():
+            lat.append(encode_latents(vae, x).float())
+            emb.append(clip_embed(image_encoder, x).float())
+    lat, emb = torch.cat(lat), torch.cat(emb)
+    print(f"cached the latents and CLIP embeddings of {len(paths)} images "
+          f"({(lat.numel() + emb.numel()) * 4 / 2 ** 20:.1f} MB on {device})")
+    return lat, emb
+
+
 def tiny_clip(projection_dim=64, seed=0):
     """A small random CLIPVisionModelWithProjection: the demo's stand-in for CLIP (64x64 input,
     2 layers), frozen in 02 as CLIP is in the paper; demo/image_encoder.py can pretrain it."""
