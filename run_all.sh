@@ -94,6 +94,11 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+video_ids() {  # video_ids DIR: the <video_id>/ subfolders of DIR that hold .jpg/.png frames
+  local d
+  for d in "$1"/*/; do [ -d "$d" ] && ls "$d" | grep -qiE '\.(jpg|jpeg|png)$' && printf ' %s' "$(basename "$d")"; done
+  true
+}
 # real data sets: check every input before spending hours on the first stage
 VIDEOS=""
 if [ "$DATASET" != demo ]; then
@@ -104,9 +109,7 @@ if [ "$DATASET" != demo ]; then
   if [ -n "$STAGE1_DATA" ]; then
     need "stage-1 videos (--stage1-data)" "$STAGE1_DATA" "pass a folder of <video_id>/<frame>.jpg"
     if [ -d "$STAGE1_DATA" ]; then
-      for d in "$STAGE1_DATA"/*/; do  # videos: subfolders with frames
-        [ -d "$d" ] && ls "$d" | grep -qiE '\.(jpg|jpeg|png)$' && VIDEOS="$VIDEOS $(basename "$d")"
-      done
+      VIDEOS=$(video_ids "$STAGE1_DATA")
       [ -n "$VIDEOS" ] || { echo "error: stage-1 videos (--stage1-data) '$STAGE1_DATA' has no <video_id>/ folders with .jpg/.png frames" >&2; missing=1; }
     fi
     if [ -n "$STAGE1_SMPL" ]; then
@@ -124,9 +127,7 @@ if [ "$DATASET" != demo ]; then
   if [ -n "$POSE_VIDEOS" ]; then
     need "dance videos (--pose-videos)" "$POSE_VIDEOS" "pass a folder of <video_id>/<frame>.jpg"
     if [ -d "$POSE_VIDEOS" ]; then
-      for d in "$POSE_VIDEOS"/*/; do
-        [ -d "$d" ] && ls "$d" | grep -qiE '\.(jpg|jpeg|png)$' && PVIDS="$PVIDS $(basename "$d")"
-      done
+      PVIDS=$(video_ids "$POSE_VIDEOS")
       [ -n "$PVIDS" ] || { echo "error: dance videos (--pose-videos) '$POSE_VIDEOS' has no <video_id>/ folders with .jpg/.png frames" >&2; missing=1; }
     fi
   fi
@@ -152,7 +153,15 @@ else
   echo "# the stage commands of 'bash run_all.sh $DATASET', in order (run them in the repository root, in its venv:"
   echo "# source setup.sh; HF_HUB_OFFLINE=$HF_HUB_OFFLINE)"
 fi
-record_time() { echo "$1,$2,$INVOCATION" >> "$TIMES"; }  # record_time NAME SECONDS: one line of $TIMES
+record_time() { echo "$1,$2,$INVOCATION" >> "$TIMES"; }
+estimate_videos() {  # estimate_videos WHAT DIR "IDS" OUT: ViTPose keypoints + SMPL fit of every frame (resumable)
+  DONE_IF=$4/keypoints.done:$2 stage "$1 smpl keypoints" \
+    01b_estimate_smpl.py keypoints --data "$2" --splits $3 --out "$4" --model "$VITPOSE"
+  [ $DRY = 1 ] || touch "$4/keypoints.done"
+  DONE_IF=$4/fit.done:$4/keypoints.done stage "$1 smpl fit" \
+    01b_estimate_smpl.py fit --out "$4" --splits $3 "${FIT[@]}" "${BODY[@]}"
+  [ $DRY = 1 ] || touch "$4/fit.done"
+}  # record_time NAME SECONDS: one line of $TIMES
 stage() {  # [DONE_IF=OUT:IN] stage NAME SCRIPT ARGS...: run a stage script (unless OUT is newer than IN), time it
   local name=$1 script=$2; shift 2
   if [ $DRY = 1 ]; then printf 'python %s' "$script"; printf ' %q' "$@"; echo; return; fi
@@ -275,12 +284,7 @@ else
   ID_POSES=(--pose-bank "$RUN/poses/train.npz"); TRAIN_VIEWS=(--views-from "$TRAIN_SMPL")
   if [ -n "$POSE_VIDEOS" ]; then
     PV_SMPL=$RUN/pose_videos/smpl
-    DONE_IF=$PV_SMPL/keypoints.done:$POSE_VIDEOS stage "dance-video keypoints" \
-      01b_estimate_smpl.py keypoints --data "$POSE_VIDEOS" --splits $PVIDS --out "$PV_SMPL" --model "$VITPOSE"
-    [ $DRY = 1 ] || touch "$PV_SMPL/keypoints.done"
-    DONE_IF=$PV_SMPL/fit.done:$PV_SMPL/keypoints.done stage "dance-video smpl fit" \
-      01b_estimate_smpl.py fit --out "$PV_SMPL" --splits $PVIDS "${FIT[@]}" "${BODY[@]}"
-    [ $DRY = 1 ] || touch "$PV_SMPL/fit.done"
+    estimate_videos "dance-video" "$POSE_VIDEOS" "$PVIDS" "$PV_SMPL"
     DONE_IF=$RUN/poses/videos.npz:$PV_SMPL/fit.done stage "pose bank (dance videos)" 01_render_smpl.py bank \
       --smpl "$PV_SMPL" --choose $([ "$POSE_CHOICE" = farthest ] && echo 20 || echo 0) --away-from "$TRAIN_SMPL" \
       --out "$RUN/poses/videos.npz"
@@ -293,12 +297,7 @@ else
   if [ -n "$STAGE1_DATA" ]; then  # the paper's stage 1: SD-1.5 -> video frames (pose transfer within a video)
     if [ -z "$STAGE1_SMPL" ]; then
       STAGE1_SMPL=$RUN/stage1/smpl
-      DONE_IF=$STAGE1_SMPL/keypoints.done:$STAGE1_DATA stage "stage-1 smpl keypoints" \
-        01b_estimate_smpl.py keypoints --data "$STAGE1_DATA" --splits $VIDEOS --out "$STAGE1_SMPL" --model "$VITPOSE"
-      [ $DRY = 1 ] || touch "$STAGE1_SMPL/keypoints.done"
-      DONE_IF=$STAGE1_SMPL/fit.done:$STAGE1_SMPL/keypoints.done stage "stage-1 smpl fit" \
-        01b_estimate_smpl.py fit --out "$STAGE1_SMPL" --splits $VIDEOS "${FIT[@]}" "${BODY[@]}"
-      [ $DRY = 1 ] || touch "$STAGE1_SMPL/fit.done"
+      estimate_videos "stage-1" "$STAGE1_DATA" "$VIDEOS" "$STAGE1_SMPL"
     fi
     stage "stage-1 conditions" 01_render_smpl.py "${BODY[@]}" conditions --data "$STAGE1_DATA" --smpl "$STAGE1_SMPL" --splits $VIDEOS \
       --out "$RUN/stage1/conditions" --size $SIZE1
