@@ -520,7 +520,8 @@ def test_label_noise_moves_labels_keeps_counts(tmp_path):
 def test_summarize_mean_and_spread_into_readme(tmp_path):
     res = tmp_path / "results"
     for variant, split, seed, m in [("base", "same", 0, 0.50), ("base", "same", 1, 0.60), ("base", "shifted", 0, 0.2),
-                                    ("vi", "same", 0, 0.55), ("vi_n600", "same", 0, 0.4), ("vi_n50", "same", 0, 0.3)]:
+                                    ("vi", "same", 0, 0.55), ("vi_n600", "same", 0, 0.4), ("vi_n50", "same", 0, 0.3),
+                                    ("oracle", "same", 0, 0.7)]:
         util.save_json(str(res / f"{variant}_s{seed}_{split}.json"),
                          dict(name=f"{variant}_s{seed}_{split}", variant=variant, seed=seed, split=split, mAP=m, R1=m + 0.1))
     (tmp_path / "stage_times.csv").write_text("stage,seconds\n")
@@ -533,11 +534,21 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
                      identity_gain_psnr_foreground=dict(mean=0.125, ci95=[-0.05, 0.3]), control_pose_shuffled=dict(mask_iou=0.26)))
     util.save_json(str(res / "identity_v.json"), dict(identities=120, chance=1 / 120, generated=dict(
         images=1200, agreement=0.0125, wrong_ids=50, wrong_top5=0.624, spread_vs_real=0.6449)))
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\nrest\n")
-    run("tools/summarize.py", res, "--readme", readme)
-    text = readme.read_text()
+    readme, docs = tmp_path / "README.md", tmp_path / "docs" / "results.md"
+    readme.write_text("intro\n<!-- headline:start -->\nold rows\n<!-- headline:end -->\nrest\n")
+    docs.parent.mkdir()
+    docs.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\nrest\n")
+    run("tools/summarize.py", res, "--docs", docs, "--readme", readme)
+    text, head = docs.read_text(), readme.read_text()
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("<!-- results:end -->\nrest\n")
+    assert "old rows" not in head and head.startswith("intro\n") and head.endswith("<!-- headline:end -->\nrest\n")
+    # the README's headline: rows (I), (VI), ORACLE with mAP and the paired gain per split, the command, the link
+    assert ("| row | same: mAP | shifted: mAP | same: mAP − (I) | shifted: mAP − (I) | seeds |\n|---|---|---|---|---|---|\n"
+            "| (I) no augmentation | 55.0 ± 7.1 | 20.0 |  |  | 2 |\n| (VI) both = Diff-ID | 55.0 |  | +5.0 |  | 1 |\n"
+            "| ORACLE: (VI)'s jobs rendered as ground truth | 70.0 |  | +20.0 |  | 1 |\n\n") in head
+    assert "Table 2" not in head and "Generator fidelity" not in head and "| stage" not in head
+    assert f"_Written by `python tools/summarize.py {res} --docs {docs} --readme {readme}`" in head
+    assert f"[{docs}](docs/results.md)._\n" in head and f"_Written by `python tools/summarize.py {res} --docs" in text
     base = [l for l in text.splitlines() if l.startswith("| (I) no augmentation")][0]
     # mean 55.0, sample std of (50, 60) = 7.07; R1 65.0 +- 7.1; shifted has one seed
     assert "55.0 ± 7.1 | 65.0 ± 7.1 | 20.0 | 30.0 |  |  | 2 |" in base, base
@@ -558,8 +569,11 @@ def test_summarize_mean_and_spread_into_readme(tmp_path):
     assert "| reid | 7 |" in text and "| all | 17 (0 min) |" in text
     (res / "stage_times.csv").write_text("stage,seconds,run\nworld,10,run_all.sh demo (d1)\nreid,90,run_all.sh demo (d1)\n"
                                          "world,2,run_all.sh demo --tables (d2)\nreid,3,run_all.sh demo --tables (d2)\n"
-                                         "reid,4,run_all.sh demo --tables (d2)\ngenerate ii,5,run_all.sh demo --tables (d2)\n")
-    run("tools/summarize.py", res)
+                                         "reid,4,run_all.sh demo --tables (d2)\ngenerate ii,5,run_all.sh demo --tables (d2)\n"
+                                         "reid,1,run_all.sh demo --tables (d3)\nreid,1,run_all.sh demo --seeds 0 1 (d4)\n")
+    run("tools/summarize.py", res, "--readme", readme)  # the runs behind the rows, each once, as commands
+    assert ("_From `bash run_all.sh demo`, then `bash run_all.sh demo --tables`, then `bash run_all.sh demo --seeds "
+            "\"0 1\"` in one folder; written by") in readme.read_text()
     times = (res / "summary.md").read_text()
     assert "| stage (wall time, s) | `run_all.sh demo (d1)` | `run_all.sh demo --tables (d2)` |" in times
     assert "| reid | 90 | 7 |" in times and "| generate ii |  | 5 |" in times and "| all | 100 (2 min) | 14 (0 min) |" in times

@@ -3,10 +3,12 @@ The results tables: every <results>/<name>.json that 05_evaluate.py wrote, aggre
 markdown table (mean +- sample std over seeds, per Table 1/2 row and test split; the gain over row
 (I) paired by seed), with the generator checks (demo/fidelity.py's fidelity.json, tools/
 identity_score.py's identity.json; fidelity_v.json and identity_v.json for row (V)'s generator) and
-the stage times of run_all.sh (stage_times.csv, a column per invocation) when present. Writes <results>/summary.md; with
---readme it also replaces the README's results block.
+the stage times of run_all.sh (stage_times.csv, a column per invocation) when present. Writes
+<results>/summary.md. --docs FILE puts all of it between FILE's <!-- results:start --> and
+<!-- results:end --> markers; --readme FILE puts the headline (rows (I), (VI) and ORACLE, the runs
+that made them, a link to the --docs file) between <!-- headline:start --> and <!-- headline:end -->.
 
-  python tools/summarize.py runs/demo/results [--readme README.md]
+  python tools/summarize.py runs/demo/results [--docs docs/results.md] [--readme README.md]
 """
 import os
 import re
@@ -40,10 +42,55 @@ def row_order(variant):
     return (list(ROWS).index(variant) if variant in ROWS else len(ROWS) + (1 if m else 2), int(m.group(1)) if m else 0, variant)
 
 
-def summarize(results_dir, readme=None):
+HEADLINE = ("base", "vi", "oracle")  # the README's rows
+RESULTS_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+HEADLINE_MARKERS = ("<!-- headline:start -->", "<!-- headline:end -->")
+
+
+def check_block(path, markers):
+    a, b = markers
+    if not os.path.exists(path):
+        raise util.UserError(f"'{path}' not found")
+    text = open(path).read()
+    if a not in text or b not in text or text.index(a) > text.index(b):
+        raise util.UserError(f"'{path}' has no {a} ... {b} block to replace")
+    return text
+
+
+def replace_block(path, markers, body):
+    """Replace what lies between the two markers of the file at path with body."""
+    a, b = markers
+    text = check_block(path, markers)
+    util.save_text(path, text[:text.index(a) + len(a)] + "\n" + body + "\n" + text[text.index(b):])
+
+
+def invocations(results_dir):
+    """The run_all.sh commands of stage_times.csv, in order, each once, as shell commands (the
+    recorded line joins the arguments with spaces: --seeds' list is quoted again)."""
+    path = os.path.join(results_dir, "stage_times.csv")
+    if not os.path.exists(path):
+        return []
+    import csv
+    with open(path, newline="") as f:
+        names = [r[2] for r in list(csv.reader(f))[1:] if len(r) > 2 and r[2]]
+    cmds = []
+    for name in names:
+        cmd = re.sub(r" \([^()]*\)$", "", name)  # the date run_all.sh appends
+        cmd = re.sub(r"--seeds ((?:\d+ )*\d+)(?= --|$)", lambda m: f'--seeds "{m.group(1)}"' if " " in m.group(1)
+                     else m.group(0), cmd)
+        if cmd not in cmds:
+            cmds.append(cmd)
+    return [f"bash {c}" for c in cmds]
+
+
+def summarize(results_dir, readme=None, docs=None):
     """Aggregate the per-model json files into one markdown table (mean +- sample std over
-    seeds) and optionally splice it into the README between the results markers."""
+    seeds); optionally splice it into docs between the results markers and its headline rows
+    into the README between the headline markers."""
     import glob
+    for path, markers in ((docs, RESULTS_MARKERS), (readme, HEADLINE_MARKERS)):  # both, before anything is written
+        if path:
+            check_block(path, markers)
     runs = [util.load_json(f) for f in sorted(glob.glob(os.path.join(results_dir, "*.json")))]
     runs = [r for r in runs if "mAP" in r]
     if not runs:
@@ -56,15 +103,19 @@ def summarize(results_dir, readme=None):
     head = ("| row | " + " | ".join(f"{s}: mAP | {s}: R1" for s in splits) + " | "
             + " | ".join(f"{s}: mAP − (I)" for s in splits) + " | seeds |")
     lines = [head, "|" + "---|" * (3 * len(splits) + 2)]
+    cells_of = {}  # variant: (mAP cells, R1 cells, gain cells, seeds), a cell per split
     for v in variants:
-        cells, deltas, n = [], [], 0
+        maps, r1s, deltas, n = [], [], [], 0
         for s in splits:
             rs = [r for r in runs if r.get("variant", r["name"]) == v and r.get("split", "same") == s]
             n = max(n, len(rs))
-            cells += [ms([r["mAP"] for r in rs]), ms([r["R1"] for r in rs])]
+            maps.append(ms([r["mAP"] for r in rs]))
+            r1s.append(ms([r["R1"] for r in rs]))
             # paired by seed: a row's seed-s model against (I)'s seed-s model on the same split
             pairs = [(r, by.get(("base", s, r.get("seed")))) for r in rs] if v != "base" else []
             deltas.append(ms([r["mAP"] - b["mAP"] for r, b in pairs if b], "+"))
+        cells_of[v] = maps, r1s, deltas, n
+        cells = [c for pair in zip(maps, r1s) for c in pair]
         lines.append(f"| {row_label(v)} | " + " | ".join(cells + deltas) + f" | {n} |")
     table = "\n".join(lines) + "\n"
     num = lambda v, spec: "n/a" if v is None else format(v, spec)  # controls need >= 2 jobs per identity / target
@@ -126,23 +177,33 @@ def summarize(results_dir, readme=None):
     util.save_text(os.path.join(results_dir, "summary.md"), table)
     print(table)
     print(f"wrote {os.path.join(results_dir, 'summary.md')}")
+    command = f"python tools/summarize.py {results_dir}" + (f" --docs {docs}" if docs else "") + (
+        f" --readme {readme}" if readme else "")
+    runs_made = invocations(results_dir)
+    made = f"From {', then '.join(f'`{c}`' for c in runs_made)} in one folder; written" if runs_made else "Written"
+    if docs:
+        replace_block(docs, RESULTS_MARKERS, f"_{made} by `{command}`._\n\n" + table)
+        print(f"updated the results block of {docs}")
     if readme:
-        text = open(readme).read()
-        a, b = "<!-- results:start -->", "<!-- results:end -->"
-        if a not in text or b not in text:
-            raise util.UserError(f"'{readme}' has no {a} ... {b} block to replace")
-        note = f"\n_Generated by `python tools/summarize.py {results_dir} --readme {readme}`._\n\n"
-        text = text[:text.index(a) + len(a)] + note + table + "\n" + text[text.index(b):]
-        util.save_text(readme, text)
-        print(f"updated the results block of {readme}")
+        head = ("| row | " + " | ".join(f"{s}: mAP" for s in splits) + " | "
+                + " | ".join(f"{s}: mAP − (I)" for s in splits) + " | seeds |")
+        lines = [head, "|" + "---|" * (2 * len(splits) + 2)]
+        lines += [f"| {row_label(v)} | " + " | ".join(cells_of[v][0] + cells_of[v][2]) + f" | {cells_of[v][3]} |"
+                  for v in HEADLINE if v in cells_of]
+        link = (f"; every row, the generator checks and the stage times: "
+                f"[{docs}]({os.path.relpath(docs, os.path.dirname(os.path.abspath(readme)))})" if docs else "")
+        replace_block(readme, HEADLINE_MARKERS, "\n".join(lines) + f"\n\n_{made} by `{command}`{link}._\n")
+        print(f"updated the headline block of {readme}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", help="results folder with the json files of 05_evaluate.py")
-    ap.add_argument("--readme", help="also replace the results block of this README")
+    ap.add_argument("--docs", help="put the tables between the results markers of this file (docs/results.md)")
+    ap.add_argument("--readme", help="put the headline rows (I), (VI), ORACLE between the headline markers of this "
+                    "file (README.md)")
     args = ap.parse_args()
-    summarize(args.results, args.readme)
+    summarize(args.results, args.readme, args.docs)
 
 
 if __name__ == "__main__":
