@@ -7,9 +7,10 @@
 #   bash run_all.sh dukemtmc   ...
 #
 # Without --tables: Table 1 rows (I) no augmentation and (VI) Diff-ID, both with every seed.
-# With --tables: all of Table 1 ((I)-(IV), (VI), and on the demo world an ORACLE row of ground-truth
+# With --tables: all of Table 1 ((I)-(VI), and on the demo world an ORACLE row of ground-truth
 # renders) and Table 2 ((VI) with fewer generated images); the demo run then also rewrites the
-# README's results block and docs/demo/. A later --tables run reuses what the plain run made.
+# results in docs/results.md, the README's headline rows and docs/demo/. A later --tables run reuses
+# what the plain run made.
 #
 # Options (or the environment variables in brackets):
 #   --tables              every row of Tables 1 and 2 (longer; it prints the expected time first)
@@ -231,7 +232,7 @@ if [ "$DATASET" = demo ]; then
     REID=(--arch resnet18 --backbone-weights none --width-mult 0.25 --bnneck --lr 1e-3 --lr-classifier 1e-3 --size 32x64
           --P 16 --K 4 --steps 2400 --lr-steps 1800 --extra-per-id 1 --extra-label-smoothing 0.1 --extra-weight 0.25 --preload --workers 0)
     SEEDS=${SEEDS:-0 1 2}
-    # measured stage times (README): the plain run ~41 min on an idle 2-core machine, --tables ~70 min more
+    # measured stage times (docs/setup.md): the plain run ~41 min on an idle 2-core machine, --tables ~70 min more
     [ $DRY = 1 ] || echo "expected time: about $([ $TABLES = 1 ] && echo 110 || echo 40) minutes on a 2-core CPU (rerunning resumes)"
   fi
   DATA_ROOT=$RUN/world
@@ -399,9 +400,9 @@ if [ "$DATASET" = demo ] && [ $TABLES = 1 ]; then  # the same two checks for row
     --out "$RUN/results/identity_v.json" ${DEVICE:+--device $DEVICE}  # (the oracle's score is identity.json's)
 fi
 SUMMARY=(tools/summarize.py "$RUN/results")
-# the README shows the last full demo run: its table, and the figures it references
+# docs/results.md and the README's headline show the last full demo run, and the figures it references
 README=$([ "$DATASET" = demo ] && [ $SMOKE = 0 ] && [ $TABLES = 1 ] && echo 1 || echo 0)
-[ $README = 0 ] || SUMMARY+=(--readme README.md)
+[ $README = 0 ] || SUMMARY+=(--docs docs/results.md --readme README.md)
 if [ $DRY = 1 ]; then printf 'python'; printf ' %q' "${SUMMARY[@]}"; echo; exit 0; fi
 python "${SUMMARY[@]}"
 [ $README = 0 ] || { mkdir -p docs/demo && cp "$RUN"/results/figures/*.png docs/demo/ && echo "copied the figures to docs/demo/"; }

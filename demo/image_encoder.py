@@ -78,7 +78,7 @@ def main():
     ap.add_argument("--tau", type=float, default=0.1, help="NT-Xent temperature")
     ap.add_argument("--dim", type=int, default=64, help="projection dim = the U-Nets' cross-attention dim")
     ap.add_argument("--holdout", type=float, default=0.05, help="share of the videos kept out of training (the check)")
-    ap.add_argument("--size", default="64x128", help="WIDTHxHEIGHT the frames are read at (02's --resolution)")
+    ap.add_argument("--size", default="64x128", help="WxH the frames are read at (02's --size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = ap.parse_args()
