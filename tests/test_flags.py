@@ -19,7 +19,7 @@ from stages import ROOT  # noqa: E402  (puts the repository root on sys.path)
 
 # script -> its subcommands (None: none)
 SCRIPTS = {
-    "01_render_smpl.py": ("conditions", "targets"),
+    "01_render_smpl.py": ("conditions", "targets", "bank"),
     "01b_estimate_smpl.py": ("keypoints", "fit", "import", "evaluate"),
     "02_train_generator.py": None,
     "03_generate.py": None,
