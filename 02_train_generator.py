@@ -205,7 +205,7 @@ def load_models(args):
         print(f"model from '{args.out if resume else args.init}' ({'resume' if resume else 'init'})")
         return gen, vae, enc, schedule, sources, not prev.get("pretrained")
     if args.random_unets:  # the paper's row (V): SD-1.5's architecture, randomly initialised
-        torch.manual_seed(util.seed_of(args.seed, 9))
+        torch.manual_seed(args.seed + 9)
         unet = UNet2DConditionModel.from_config(models.load_config(UNet2DConditionModel, args.pretrained, "unet"))
     else:
         unet = models.from_pretrained(UNet2DConditionModel, args.pretrained, "unet", what="pretrained weights")
@@ -226,7 +226,7 @@ def load_models(args):
     print(f"weights: {'random U-Nets of the architecture of' if args.random_unets else 'U-Net +'} VAE from "
           f"'{args.pretrained}', image encoder from '{args.image_encoder}'")
     ref = copy.deepcopy(unet)  # both U-Nets start from the same weights (paper 3.4)
-    torch.manual_seed(util.seed_of(args.seed, 5))  # the guiders' random initialisation
+    torch.manual_seed(args.seed + 5)  # the guiders' random initialisation
     gen = common.Generator(ref, unet, common.build_guiders(unet.conv_in.out_channels, models.vae_factor(vae)))
     sources = dict(pretrained=args.pretrained, image_encoder=args.image_encoder, image_encoder_subfolder=sub)
     return gen, vae.eval().requires_grad_(False), enc.eval().requires_grad_(False), schedule, sources, False
@@ -464,8 +464,10 @@ def main():
             tgt, ref, conds = next(it)
             conds = {k: v.to(device, memory_format=torch.channels_last) for k, v in conds.items()}
             z, ref_lat, ref_emb = encode(tgt, ref, cache, vae, enc, device, autocast)
-            # noise, timesteps and condition dropout from (seed, step, micro-step, rank): resumable exactly
-            g = torch.Generator().manual_seed(util.seed_of(args.seed, 6, step, micro, rank))
+            # noise, timesteps and condition dropout from rng(seed, step, micro, rank): resumable exactly
+            g = torch.Generator().manual_seed(((args.seed * 1_000_003 + step) * 256 + micro) * 4096 + rank)
+            # (this arithmetic, not a SeedSequence: the documented demo figures were made with these
+            # draws, and other draws move them beyond their seed spread: docs/lab/2026-12-05-seeding-scheme.md)
             last = world == 1 or micro == args.grad_accum - 1  # DDP averages the gradients on the last micro-step only
             with contextlib.nullcontext() if last else model.no_sync():
                 with autocast():

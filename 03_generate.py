@@ -120,7 +120,7 @@ def make_jobs(train, targets, args):
                 jobs.append(dict(file="bounding_box_train/" + util.generated_name(pid, camera[ref], r * 10_000 + ti),
                                  source=os.path.basename(ref), ref_path=ref, pid=pid, target_id=t["target_id"],
                                  pose_id=t["pose_id"], elevation=t["elevation"], azimuth=t["azimuth"],
-                                 seed=util.seed_of(args.seed, 10, pid, r, ti)))  # this image's noise
+                                 seed=int(((args.seed * 1_000_003 + pid) * 100 + r) * 10_000 + ti)))
     if args.num_images and args.num_images < len(jobs):
         keep = np.sort(np.random.default_rng([args.seed, 9]).choice(len(jobs), args.num_images, replace=False))
         jobs = [jobs[i] for i in keep]

@@ -311,10 +311,9 @@ def main():
     master = rank == 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    seed = util.seed_of(args.seed, rank)  # each rank its own stream: augmentation, initialisation
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     ckpt_path, log_path, out = (os.path.join(args.out, f) for f in ("checkpoint.pt", "log.csv", "model.pt"))
     if os.path.exists(ckpt_path):  # a rerun with other settings stops here, before the data are read
         util.load_checkpoint(ckpt_path, args, keep=FREE_TO_CHANGE, restore_rng=False)

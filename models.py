@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import COND_KINDS, Generator, PoseGuider, sample_latents
-from util import UserError, atomic_write, seed_of
+from util import UserError, atomic_write
 
 # -----------------------------------------------------------------------------
 # the frozen VAE and CLIP image encoder
@@ -288,7 +288,7 @@ def sample_grid(gen, vae, enc, schedule, val, device, autocast, seed, ddim_steps
         emb = clip_embed(enc, refs.to(device))
         bank = gen.reference(ref_lat, emb)
         pose = gen.pose({k: v.to(device, memory_format=torch.channels_last) for k, v in conds.items()})
-        noise = torch.randn(ref_lat.shape, generator=torch.Generator().manual_seed(seed_of(seed, 8))).to(device)
+        noise = torch.randn(ref_lat.shape, generator=torch.Generator().manual_seed(seed)).to(device)
         idx = torch.arange(len(refs), device=device)
         z = sample_latents(gen, DDIMScheduler.from_config(schedule), noise, emb, pose, bank, idx,
                            steps=ddim_steps, guidance=guidance)

@@ -79,14 +79,6 @@ def parse_size(text, flag="--size"):
     return h, w
 
 
-def seed_of(*keys):
-    """The one seeding scheme: a seed for torch (a Generator, or manual_seed) from a tuple of
-    non-negative ints, e.g. (seed, stream tag, step, rank), mixed by numpy's SeedSequence as
-    np.random.default_rng([...]) is everywhere else: streams never collide, and a resumed run
-    redraws exactly what the uninterrupted one drew."""
-    return int(np.random.default_rng(list(keys)).integers(2 ** 63))
-
-
 def pick_device(name):
     """--device auto -> cuda when there is one, else cpu; anything else as given."""
     if name == "auto":

@@ -98,7 +98,7 @@ def main():
     print(f"read {len(frames)} frames of {n_vid} videos from '{args.corpus}'; training on {len(train_vids)}, "
           f"{len(held)} held out; batch {P} people x 2 frames")
 
-    enc = models.tiny_clip(args.dim, util.seed_of(args.seed, 7))  # the random encoder demo/scratch_generator.py would use
+    enc = models.tiny_clip(args.dim, args.seed + 7)  # the random encoder 02 --from-scratch would use
     before = nearest_same_video(embed(enc.eval(), frames[is_held]), video[is_held])
     opt = torch.optim.AdamW(enc.parameters(), lr=args.lr, weight_decay=0.05)
     enc.train()

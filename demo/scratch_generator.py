@@ -97,7 +97,7 @@ def train_vae(args, images, device):
     --vae-chroma-weight more (docs/generator.md)."""
     from diffusers import AutoencoderKL
     ch = int_list(args.vae_channels)
-    torch.manual_seed(util.seed_of(args.seed, 11))
+    torch.manual_seed(args.seed + 11)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(ch),
                         up_block_types=("UpDecoderBlock2D",) * len(ch), block_out_channels=ch, layers_per_block=1,
                         latent_channels=4, norm_num_groups=min(32, ch[0]), sample_size=max(args.size)).to(device)
@@ -146,10 +146,10 @@ def main():
     if args.image_encoder:
         enc = models.from_pretrained(CLIPVisionModelWithProjection, args.image_encoder, what="image encoder")
     else:
-        enc = models.tiny_clip(args.clip_dim, util.seed_of(args.seed, 7))
+        enc = models.tiny_clip(args.clip_dim, args.seed + 7)
     unet = tiny_unet(int_list(args.unet_channels), (args.size[0] // f, args.size[1] // f), enc.config.projection_dim)
     ref = copy.deepcopy(unet)  # both U-Nets start from the same weights (paper 3.4)
-    torch.manual_seed(util.seed_of(args.seed, 5))
+    torch.manual_seed(args.seed + 5)
     guiders = common.build_guiders(unet.conv_in.out_channels, f, int_list(args.guider_widths))
     models.save_generator(args.out, common.Generator(ref, unet, guiders))
     models.save_pretrained_atomic(enc, os.path.join(args.out, "image_encoder"))
