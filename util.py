@@ -80,11 +80,40 @@ def parse_size(text, flag="--size"):
 
 
 def pick_device(name):
-    """--device auto -> cuda when there is one, else cpu; anything else as given."""
+    """--device auto -> cuda when there is one, else cpu; anything else as given, checked (a
+    device torch does not know, or cuda without a GPU, is one line)."""
+    import torch
     if name == "auto":
-        import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device '{name}' is not a device: use auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
     return name
+
+
+def check_output_dir(path, flag="--out"):
+    """Before any work: `path` is a folder, or one that can be made (nothing is created here). A
+    file in its place or a read-only parent is one line now instead of a traceback hours later."""
+    path = os.path.abspath(str(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} '{path}' is a file, not a folder: pass a folder (or move the file away)")
+    d = path
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UserError(f"{flag} '{path}' cannot be made: '{d}' is a file, not a folder")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} '{path}': folder '{d}' is not writable: fix its permissions or pass another {flag}")
+
+
+def check_output_file(path, flag="--out"):
+    """Before any work: `path` can be written as a file (not a folder; its folder can be made)."""
+    if os.path.isdir(str(path)):
+        raise UserError(f"{flag} '{path}' is a folder: pass a file path")
+    check_output_dir(os.path.dirname(os.path.abspath(str(path))), f"the folder of {flag}")
 
 
 # -----------------------------------------------------------------------------
@@ -136,20 +165,25 @@ def save_checkpoint(path, **state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path, args=None, keep=(), restore_rng=True):
+def load_checkpoint(path, args=None, keep=(), restore_rng=True, need=(), writer="this script"):
     """-> the checkpoint dict at path, loaded without running code (weights_only), RNGs restored
     (unless restore_rng is False: the caller restores ck["rng"] itself, later).
     With args: the settings that define the result must equal those the checkpoint was trained
     with (every argument except those in keep, e.g. the step count, which a rerun may raise);
-    else one line names the differences."""
+    else one line names the differences. need: the keys a checkpoint of `writer` holds besides
+    rng and args (another script's file, or any other torch file, is one line)."""
     import torch
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=not restore_rng)
-        if restore_rng:
+        missing = [k for k in ("rng", "args", *need) if k not in ck] if isinstance(ck, dict) else ["its keys"]
+        if not missing and restore_rng:
             set_rng_state(ck["rng"])
     except Exception as e:
         raise UserError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).strip()[:120].splitlines()[0] if str(e).strip() else ''}): "
                         f"delete it to start that run afresh, or pass another --out")
+    if missing:
+        raise UserError(f"'{path}' is not a checkpoint of {writer} (it lacks {', '.join(missing)}): delete it to "
+                        f"start that run afresh, or pass another --out")
     if args is not None:
         saved, now = ck.get("args", {}), vars(args)
         diff = [k for k in now if k not in keep and k in saved and _jsonable(saved[k]) != _jsonable(now[k])]
@@ -198,9 +232,13 @@ def atomic_write(path, write_fn, suffix=None):
     for writers that look at it (PIL, np.savez)."""
     path = str(path)
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
     suffix = suffix if suffix is not None else os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=suffix)
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=suffix)
+    except OSError as e:
+        raise UserError(f"cannot write '{path}' ({type(e).__name__}: {e.strerror or e}): check that its folder "
+                        f"is a writable folder, or pass another output path")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -208,9 +246,12 @@ def atomic_write(path, write_fn, suffix=None):
     try:
         write_fn(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # a full disk, a folder where the file goes: one line, not a traceback
+            raise UserError(f"cannot write '{path}' ({type(e).__name__}: {e.strerror or e}): check the folder's "
+                            f"permissions and free space, or pass another output path")
         raise
 
 
@@ -240,8 +281,13 @@ def save_json(path, obj):
 
 
 def load_json(path):
+    """A JSON file; a truncated or damaged one is one line naming it."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise UserError(f"'{path}' is not valid JSON ({e}): it may be truncated; write it again "
+                            f"(rerun the script that wrote it)")
 
 
 def save_image(path, img):
@@ -309,8 +355,8 @@ def load_reid_dataset(root, test_root=None, extra_train=(), extra_count=None, na
     'market1501' or 'dukemtmc' checks the official image counts; default: recognised from the
     folder name (market1501*, Market-1501-v15.09.15, DukeMTMC-reID, ...)."""
     if not os.path.isdir(root):
-        raise UserError(f"data root '{root}' does not exist: pass the folder that holds "
-                        f"bounding_box_train/, query/ and bounding_box_test/")
+        raise UserError(f"data root '{root}' {'is a file, not a folder' if os.path.exists(root) else 'does not exist'}: "
+                        f"pass the folder that holds bounding_box_train/, query/ and bounding_box_test/")
     test_root = test_root or root
     train = list_split(os.path.join(root, SPLIT_DIRS["train"]))
     query = list_split(os.path.join(test_root, SPLIT_DIRS["query"]))
@@ -342,3 +388,41 @@ def load_reid_dataset(root, test_root=None, extra_train=(), extra_count=None, na
     train = [(p, pid2label[pid], cam) for p, pid, cam in train]
     return dict(train=train, query=query, gallery=gallery, num_classes=len(pid2label),
                 extra={p for p, _, _ in extra})
+
+
+def read_manifest(folder, need=("file", "pid"), writer="03_generate.py"):
+    """<folder>/manifest.csv -> its rows (dicts), checked: the columns in need, every row as long
+    as the header, no image listed twice, integer pids, every listed image present. Any of these
+    is one line: a figure over a partial or double-counted set would be wrong without a word."""
+    path = os.path.join(folder, "manifest.csv")
+    if not os.path.isfile(path):
+        raise UserError(f"'{folder}' has no manifest.csv ({writer} writes it)")
+    with open(path, newline="") as f:
+        lines = list(csv.reader(f))
+    header, body = (lines[0], lines[1:]) if lines else ([], [])
+    lacking = [c for c in need if c not in header]
+    if lacking:
+        raise UserError(f"'{path}' lacks the column(s) {', '.join(lacking)} (it has: {', '.join(header) or 'none'}): "
+                        f"rerun {writer}, which writes the whole manifest")
+    rows, seen = [], {}
+    for n, values in enumerate(body, 2):
+        if not values:
+            continue
+        if len(values) != len(header):
+            raise UserError(f"'{path}' line {n} has {len(values)} fields, the header {len(header)}: the manifest is "
+                            f"damaged; rerun {writer}, which rewrites it")
+        r = dict(zip(header, values))
+        if r["file"] in seen:
+            raise UserError(f"'{path}' lists '{r['file']}' twice (lines {seen[r['file']]} and {n}): it would count "
+                            f"twice; rerun {writer}, which rewrites the manifest")
+        seen[r["file"]] = n
+        if "pid" in need and not re.fullmatch(r"-?\d+", r["pid"].strip()):
+            raise UserError(f"'{path}' line {n}: pid '{r['pid']}' is not an integer")
+        rows.append(r)
+    if not rows:
+        raise UserError(f"'{path}' lists no images")
+    gone = [r["file"] for r in rows if not os.path.isfile(os.path.join(folder, r["file"]))]
+    if gone:
+        raise UserError(f"{len(gone)} of the {len(rows)} images listed in '{path}' are missing (e.g. '{gone[0]}'): "
+                        f"figures over the rest would be partial; rerun {writer} to make them")
+    return rows
