@@ -119,7 +119,12 @@ def load_conditions(folder, stem, size=None):
         if not os.path.exists(p):
             raise UserError(f"condition map '{p}' is missing: make it with "
                             f"'python 01_render_smpl.py conditions' (or 'targets')")
-        img = Image.open(p).convert("L" if kind == "depth" else "RGB")
+        try:
+            with Image.open(p) as im:
+                img = im.convert("L" if kind == "depth" else "RGB")
+        except Exception as e:  # a truncated PNG (an interrupted copy): name it, say how to remake it
+            raise UserError(f"condition map '{p}' cannot be read ({type(e).__name__}): delete it and render it again "
+                            f"with 'python 01_render_smpl.py conditions' (or 'targets')")
         if size is not None and img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), Image.BILINEAR)
         a = np.asarray(img, dtype=np.float32) / 255.0
@@ -174,8 +179,12 @@ def load_body(path=None, extra=None):
         d = {k: np.asarray(v) for k, v in d.items() if k in ("v_template", "shapedirs", "posedirs", "J_regressor",
                                                               "weights", "kintree_table", "f")}
     else:
-        with np.load(path) as z:
-            d = {k: z[k] for k in z.files}
+        try:
+            with np.load(path) as z:
+                d = {k: z[k] for k in z.files}
+        except Exception as e:
+            raise UserError(f"SMPL model file '{path}' cannot be read ({type(e).__name__}): it may be truncated; "
+                            f"copy it again (or leave --smpl-model out to use the open body)")
     missing = [k for k in ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table", "f")
                if k not in d]
     if missing:
@@ -257,8 +266,12 @@ def load_params(path):
         raise UserError(f"SMPL parameter file '{path}' not found (the demo world writes <data>/smpl/<split>.npz, "
                         f"01b_estimate_smpl.py writes <out>/<split>.npz for real photos; a target set writes "
                         f"targets/<set>/params.npz)")
-    with np.load(path, allow_pickle=False) as z:
-        d = {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"SMPL parameter file '{path}' cannot be read ({type(e).__name__}): it may be truncated; "
+                        f"write it again (demo/world.py, 01b_estimate_smpl.py fit or import, 01 targets)")
     missing = [k for k in PARAM_KEYS if k not in d]
     if missing:
         raise UserError(f"'{path}' lacks keys {missing}: expected {list(PARAM_KEYS)} (see docs/formats.md)")

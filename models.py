@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import COND_KINDS, Generator, PoseGuider, sample_latents
-from util import UserError, atomic_write
+from util import UserError, atomic_write, load_json
 
 # -----------------------------------------------------------------------------
 # the frozen VAE and CLIP image encoder
@@ -163,7 +163,9 @@ def from_pretrained(cls, path_or_id, subfolder=None, what="weights"):
         if not os.path.isfile(os.path.join(where, config_name)):
             raise UserError(f"{what} '{path_or_id}' is not a diffusers/transformers folder: "
                             f"'{os.path.join(where, config_name)}' is missing")
-    elif os.path.exists(path_or_id) or path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") != 1:
+    elif os.path.exists(path_or_id):
+        raise UserError(f"{what} '{path_or_id}' is a file, not a folder: give a diffusers/transformers folder or a hub id")
+    elif path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") != 1:
         raise UserError(f"{what} '{path_or_id}' does not exist (give a local folder or a hub id like "
                         f"'stable-diffusion-v1-5/stable-diffusion-v1-5')")
     kw = {"subfolder": subfolder} if subfolder else {}
@@ -217,14 +219,19 @@ def load_guiders(path):
     from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise UserError(f"pose guider weights '{path}' are missing")
-    with safe_open(path, "pt") as f:
-        cfg = json.loads(f.metadata()["config"])
-    guiders = nn.ModuleDict()
-    for k in COND_KINDS:
-        c = cfg[k]
-        w = c["widths"][0::2]  # the body's convs: first, then (stride-1, stride-2) per level
-        guiders[k] = PoseGuider(c["in_channels"], c["out_channels"], len(w) - 1, widths=tuple(w))
-    guiders.load_state_dict(load_file(path))
+    try:  # a truncated copy, or another file under this name: one line
+        with safe_open(path, "pt") as f:
+            cfg = json.loads(f.metadata()["config"])
+        guiders = nn.ModuleDict()
+        for k in COND_KINDS:
+            c = cfg[k]
+            w = c["widths"][0::2]  # the body's convs: first, then (stride-1, stride-2) per level
+            guiders[k] = PoseGuider(c["in_channels"], c["out_channels"], len(w) - 1, widths=tuple(w))
+        guiders.load_state_dict(load_file(path))
+    except Exception as e:
+        why = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
+        raise UserError(f"pose guider weights '{path}' cannot be read ({type(e).__name__}: {why}): the generator "
+                        f"folder is damaged; copy it again, or train it again with 02_train_generator.py")
     return guiders
 
 
@@ -243,8 +250,7 @@ def load_generator(folder):
     args_path = os.path.join(folder, "args.json")
     if not os.path.isfile(args_path):
         raise UserError(f"'{folder}' is not a generator folder written by 02_train_generator.py (no args.json)")
-    with open(args_path) as f:
-        args = json.load(f)
+    args = load_json(args_path)
     ref = from_pretrained(UNet2DConditionModel, os.path.join(folder, "reference_unet"), what="reference U-Net")
     den = from_pretrained(UNet2DConditionModel, os.path.join(folder, "denoising_unet"), what="denoising U-Net")
     gen = Generator(ref, den, load_guiders(os.path.join(folder, "guiders.safetensors")))
@@ -352,8 +358,12 @@ def build_reid_model(arch, num_classes, weights=None, bnneck=False, width_mult=1
     elif weights not in (None, "none"):
         if not os.path.isfile(weights):
             raise UserError(f"backbone weights file '{weights}' does not exist")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        missing, _ = trunk.load_state_dict(state, strict=False)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            missing, _ = trunk.load_state_dict(state, strict=False)
+        except Exception as e:
+            raise UserError(f"backbone weights '{weights}' cannot be read as a torchvision {arch} state dict "
+                            f"({type(e).__name__}): download the file again, or use --backbone-weights none")
         if [k for k in missing if not k.startswith("fc.")]:
             raise UserError(f"'{weights}' is not a torchvision {arch} state dict (missing {missing[:3]} ...)")
 
@@ -428,11 +438,12 @@ class ImageDataset:
         return self.transform(img), label, camid
 
 
-def check_images(items, what="images"):
+def check_images(items, what="images", bar=True):
     """Decode every image once; corrupt or unreadable files are dropped with a warning naming
-    them, so that training never dies on image 9,000 of an epoch. Returns (kept, num_bad)."""
+    them, so that training never dies on image 9,000 of an epoch. Returns (kept, num_bad).
+    bar=None: a progress bar on a terminal only."""
     kept, bad = [], 0
-    for it in tqdm(items, desc=f"checking {what}", leave=False, mininterval=1.0):
+    for it in tqdm(items, desc=f"checking {what}", leave=False, mininterval=1.0, disable=None if bar is None else not bar):
         try:
             with Image.open(it[0]) as im:
                 im.load()
@@ -443,6 +454,18 @@ def check_images(items, what="images"):
     if not kept:
         raise UserError(f"none of the {len(items)} {what} could be read")
     return kept, bad
+
+
+def unreadable_images(paths, what="images"):
+    """-> [(path, why)] of the image files that do not decode (for callers that stop rather than skip)."""
+    bad = []
+    for path in tqdm(paths, desc=f"checking {what}", leave=False, mininterval=1.0, disable=None):
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Exception as e:
+            bad.append((path, f"{type(e).__name__}: {e}"))
+    return bad
 
 
 def ranks_weight_difference(module):
@@ -485,6 +508,8 @@ def extract_features(model, items, device, height, width, batch_size=128, worker
 
 def load_reid_model(path, device="cpu"):
     """model.pt written by 04_train_reid.py -> (network in eval mode, the checkpoint dict)."""
+    if os.path.isdir(path):
+        raise UserError(f"model file '{path}' is a folder: pass the model.pt that 04_train_reid.py wrote in it")
     if not os.path.isfile(path):
         raise UserError(f"model file '{path}' does not exist: train it with 04_train_reid.py")
     try:  # weights_only: tensors and plain values only, so loading a shared file never runs code from it
