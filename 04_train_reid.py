@@ -235,6 +235,7 @@ def parse_args(argv=None):
         raise UserError("--lr, --lr-classifier, --gamma and --width-mult must be > 0")
     if not (0 <= args.max_aug_share <= 1 and 0 <= args.extra_label_smoothing < 1):
         raise UserError("--max-aug-share must be in [0, 1] and --extra-label-smoothing in [0, 1)")
+    util.check_output_dir(args.out)
     return args
 
 
@@ -255,6 +256,7 @@ def batch_stream(sampler, start, real, labels, is_aug, args):
 # settings a rerun may change without changing the result (the rest must match the checkpoint's)
 FREE_TO_CHANGE = ("steps", "save_every", "log_every", "workers", "device", "threads", "preload", "out", "data",
                   "extra_train", "no_size_check", "dataset")
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "num_classes", "rank_rngs")  # what save_checkpoint writes
 
 
 def resume(path, args, model, optimizer, num_classes, rank):
@@ -262,7 +264,8 @@ def resume(path, args, model, optimizer, num_classes, rank):
     without one; weights and optimiser restored."""
     if not os.path.exists(path):
         return 0, None
-    ck = util.load_checkpoint(path, args, keep=FREE_TO_CHANGE, restore_rng=False)
+    ck = util.load_checkpoint(path, args, keep=FREE_TO_CHANGE, restore_rng=False, need=CHECKPOINT_KEYS,
+                              writer="04_train_reid.py")
     if ck["num_classes"] != num_classes:
         raise UserError(f"checkpoint '{path}' was trained on {ck['num_classes']} identities, the data has "
                         f"{num_classes}: use another --out or delete the checkpoint")
@@ -316,7 +319,8 @@ def main():
     torch.manual_seed(args.seed + rank)
     ckpt_path, log_path, out = (os.path.join(args.out, f) for f in ("checkpoint.pt", "log.csv", "model.pt"))
     if os.path.exists(ckpt_path):  # a rerun with other settings stops here, before the data are read
-        util.load_checkpoint(ckpt_path, args, keep=FREE_TO_CHANGE, restore_rng=False)
+        util.load_checkpoint(ckpt_path, args, keep=FREE_TO_CHANGE, restore_rng=False, need=CHECKPOINT_KEYS,
+                             writer="04_train_reid.py")
     num_classes, labels, is_aug, real, sampler, dataset, mixing = load_data(args, rank, world)
 
     # model, optimiser, resume

@@ -42,7 +42,20 @@ def parse_args(argv=None):
     p.add_argument("--variant", default=None, help="table row this model belongs to (default: --name)")
     p.add_argument("--seed", type=int, default=None, help="Re-ID seed of this model, for mean +- spread over seeds")
     p.add_argument("--split", default="same", help="test split label, e.g. same / shifted (demo world)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("batch_size", "max_rank"):
+        if getattr(args, name) < 1:
+            raise util.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.workers < 0:
+        raise util.UserError(f"--workers {args.workers}: must be 0 or more")
+    return args
+
+
+def results_folder(args):
+    """--results, or <model folder>/../../results; checked before the features are computed."""
+    folder = os.path.normpath(args.results or os.path.join(os.path.dirname(os.path.abspath(args.model)), "..", "..", "results"))
+    util.check_output_dir(folder, "--results" if args.results else "the results folder (--results)")
+    return folder
 
 
 def main(argv=None):
@@ -50,6 +63,7 @@ def main(argv=None):
     import torch
     device = torch.device(util.pick_device(args.device))
     model, ckpt = models.load_reid_model(args.model, device)
+    results_dir = results_folder(args)
 
     data = util.load_reid_dataset(args.data, test_root=args.test_root, check_sizes=not args.no_size_check,
                                   name=None if args.dataset == "auto" else args.dataset)
@@ -65,12 +79,13 @@ def main(argv=None):
     query_feats, gallery_feats = feats(query), feats(gallery)
     distmat = torch.cat([common.pairwise_euclidean(q, gallery_feats) for q in query_feats.split(1024)]).numpy()
     ids = lambda items, k: np.array([it[k] for it in items])
-    scores = evaluate_fast.evaluate_rank(distmat, ids(query, 1), ids(gallery, 1), ids(query, 2), ids(gallery, 2),
-                                         args.max_rank)
+    try:
+        scores = evaluate_fast.evaluate_rank(distmat, ids(query, 1), ids(gallery, 1), ids(query, 2), ids(gallery, 2),
+                                             args.max_rank)
+    except ValueError as e:  # e.g. no query has a match in the gallery from another camera
+        raise util.UserError(f"cannot evaluate on '{test_root}': {e}; check its query/ and bounding_box_test/")
 
     name = args.name or os.path.basename(os.path.dirname(os.path.abspath(args.model)))
-    results_dir = args.results or os.path.join(os.path.dirname(os.path.abspath(args.model)), "..", "..", "results")
-    results_dir = os.path.normpath(results_dir)
     cmc = scores["cmc"]
     row = dict(name=name, variant=args.variant or name, seed=args.seed, split=args.split, model=args.model, test_root=test_root, flip=args.flip, mAP=scores["mAP"], mINP=scores["mINP"],
                R1=float(cmc[0]), R5=float(cmc[min(4, len(cmc) - 1)]), R10=float(cmc[min(9, len(cmc) - 1)]),
