@@ -104,11 +104,37 @@ def list_pairs_stage1(data, conditions):
     return items, groups
 
 
+def unreadable_map(folder, stem):
+    """The first of an image's maps that is damaged (PIL's verify: every PNG chunk and its checksum,
+    without decoding the pixels), else None."""
+    from PIL import Image
+    for k in common.COND_KINDS:
+        p = body.cond_path(folder, stem, k)
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception:
+            return p
+    return None
+
+
 def check_conditions(items, groups, skip_missing=False):
     """-> groups without the images that lack maps (only with skip_missing; else a clear error).
-    Real photos whose SMPL fit was skipped (01b: too few confident keypoints) have no maps."""
+    Real photos whose SMPL fit was skipped (01b: too few confident keypoints) have no maps. A map
+    that cannot be read (a truncated copy) is one line naming it, or with skip_missing counts as
+    missing."""
     bad = [i for i, (_, c, s) in enumerate(items)
            if not all(os.path.isfile(body.cond_path(c, s, k)) for k in common.COND_KINDS)]
+    missing, broken = set(bad), []
+    for i, (_, c, s) in enumerate(tqdm(items, desc="checking maps", leave=False, mininterval=1.0, disable=None)):
+        p = None if i in missing else unreadable_map(c, s)
+        if p:
+            broken.append((i, p))
+    if broken and not skip_missing:
+        raise UserError(f"condition map '{broken[0][1]}' cannot be read ({len(broken)} image(s) have such maps): "
+                        f"delete it and render it again with 'python 01_render_smpl.py conditions', or pass "
+                        f"--skip-missing-conditions to train without those images")
+    bad = sorted(bad + [i for i, _ in broken])
     if bad and not skip_missing:
         _, c, s = items[bad[0]]
         raise UserError(f"condition maps missing for {len(bad)} of {len(items)} images (e.g. "
@@ -253,7 +279,8 @@ def resume(ckpt_path, args, gen, opt, ema):
     """-> the step the checkpoint reached (0 without one); weights, optimiser, EMA and RNGs restored."""
     if not os.path.isfile(ckpt_path):
         return 0
-    ck = util.load_checkpoint(ckpt_path, args, keep=FREE_TO_CHANGE)
+    ck = util.load_checkpoint(ckpt_path, args, keep=FREE_TO_CHANGE, need=("model", "opt", "step"),
+                              writer="02_train_generator.py")
     gen.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])
     if ema is not None:
@@ -273,12 +300,14 @@ def save(out, step, gen, opt, ema, args):
                          args=vars(args), **extra)
 
 
-def write_run_files(args, schedule, sources, carries_frozen_parts, vae, enc):
-    """args.json (with where the frozen parts come from), scheduler/, and vae/ + image_encoder/
-    when the generator owns them."""
+def write_run_files(args, schedule, sources, carries_frozen_parts, vae, enc, n_unreadable=0):
+    """args.json (with where the frozen parts come from, and how many training images could not be
+    read, when any), scheduler/, and vae/ + image_encoder/ when the generator owns them."""
     from diffusers import DDPMScheduler
     run_args = dict(vars(args), size=f"{args.size[1]}x{args.size[0]}", **sources)
     run_args.update(size_hw=list(args.size), vae_factor=models.vae_factor(vae), conditions_kinds=list(common.COND_KINDS))
+    if n_unreadable:
+        run_args["unreadable_images"] = n_unreadable
     util.save_json(os.path.join(args.out, "args.json"), run_args)
     models.save_pretrained_atomic(DDPMScheduler.from_config(schedule), os.path.join(args.out, "scheduler"))
     if carries_frozen_parts:
@@ -373,18 +402,26 @@ def parse_args(argv=None):
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 or more")
     if not (args.lr > 0 and 0 <= args.drop_prob <= 1 and 0 <= args.ema < 1):
         raise UserError(f"--lr {args.lr} must be > 0, --drop-prob {args.drop_prob} in [0, 1], --ema {args.ema} in [0, 1)")
+    util.check_output_dir(args.out)
     return args
 
 
 def load_pairs(args):
     items, groups = (list_pairs_stage2 if args.stage == 2 else list_pairs_stage1)(args.data, args.conditions)
     groups = check_conditions(items, groups, args.skip_missing_conditions)
+    # images that cannot be decoded are skipped with a warning naming them, and counted (as 04 and 05 do)
+    kept, n_bad = models.check_images([(items[i][0], i) for g in groups for i in g], "training images", bar=None)
+    if n_bad:
+        ok = {i for _, i in kept}
+        groups = [g for g in ([i for i in g if i in ok] for g in groups) if len(g) >= 2]
     if not groups:
         raise UserError(f"no training pairs in '{args.data}': need 2+ images (with maps) per "
                         f"{'person id' if args.stage == 2 else 'video'}")
     print(f"read {len(items)} images in {len(groups)} {'ids' if args.stage == 2 else 'videos'} from '{args.data}', "
-          f"maps from '{args.conditions}'")
-    return items, PairData(items, groups, args.size, args.seed, args.stage, args.min_frame_gap)
+          f"maps from '{args.conditions}'" + (f"; skipped {n_bad} unreadable" if n_bad else ""))
+    data = PairData(items, groups, args.size, args.seed, args.stage, args.min_frame_gap)
+    data.unreadable = n_bad  # (args.json records it)
+    return items, data
 
 
 def prepare(gen, vae, enc, args, device):
@@ -444,7 +481,7 @@ def main():
     model = torch.nn.parallel.DistributedDataParallel(gen, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else gen
     if is_main:
-        write_run_files(args, schedule, sources, carries_frozen_parts, vae, enc)
+        write_run_files(args, schedule, sources, carries_frozen_parts, vae, enc, data.unreadable)
         log = util.CsvLog(os.path.join(args.out, "log.csv"), ["step", "loss", "lr", "sec_per_step", "samples_per_sec"], start)
     if start >= args.steps:
         print(f"nothing to do: already trained {start} steps (--steps {args.steps})")

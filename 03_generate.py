@@ -15,7 +15,8 @@ step and every target of that reference. Output: <out>/bounding_box_train/PPPP_c
 no real image has (util.generated_name); RR = reference slot, TTTT = target row) + <out>/manifest.csv (file, source, pid, target_id, pose_id, elevation,
 azimuth, seed). Images are written atomically; a rerun skips what exists and the manifest only
 ever lists complete images (it matches the folder after every finished run). Split one job
-list over machines/GPUs with --shard i/n and/or torchrun (rank/world).
+list over machines/GPUs with --shard i/n and/or torchrun (rank/world). Reference images that
+cannot be read are skipped with their jobs, listed in <out>/unreadable_references.json.
 On the demo world, demo/oracle.py renders the ground truth of the same jobs and
 demo/fidelity.py measures the generated images against it. What the reference cache saves:
 tools/bench_sampler.py.
@@ -25,6 +26,7 @@ import sys
 import csv
 import time
 import argparse
+import contextlib
 
 import numpy as np
 import torch
@@ -67,6 +69,13 @@ def parse_args(argv=None):
     except (ValueError, AssertionError):
         raise UserError(f"bad --refs-per-pid '{args.refs_per_pid}' or --shard '{args.shard}' (want e.g. 5-7 and 0/4)")
     args.shard_i, args.shard_n = i, n
+    for name in ("batch_size", "ddim_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    for name in ("num_images", "targets_per_ref", "guidance", "threads"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 or more")
+    util.check_output_dir(args.out)
     return args
 
 
@@ -231,9 +240,23 @@ def generate(argv=None):
 
     jobs = make_jobs(train, targets, args)
     groups, part, parts, refs = this_part(jobs, args.shard_i, args.shard_n)
+    # references that cannot be decoded: their jobs are skipped, counted and recorded (every shard
+    # checks every reference, so all agree); the job list itself stays a function of the file names
+    readable, _ = models.check_images([(r,) for r in refs], "reference images", bar=None)
+    bad = set(refs) - {r for (r,) in readable}
+    n_skipped = sum(1 for j in jobs if j["ref_path"] in bad)
+    groups = {r: g for r, g in groups.items() if r not in bad}
 
     os.makedirs(os.path.join(args.out, "bounding_box_train"), exist_ok=True)
     util.remove_stale_temps(os.path.join(args.out, "bounding_box_train"))
+    record = os.path.join(args.out, "unreadable_references.json")  # only while there are any
+    if bad:
+        util.save_json(record, dict(references=sorted(bad), jobs_skipped=n_skipped))
+        print(f"skipping the {n_skipped} jobs of {len(bad)} reference image(s) that cannot be read "
+              f"(e.g. '{min(bad)}'); listed in {record}")
+    elif os.path.exists(record):
+        with contextlib.suppress(FileNotFoundError):  # (another shard may have removed it)
+            os.remove(record)
     todo = sum(1 for g in groups.values() for j in g if not os.path.isfile(os.path.join(args.out, j["file"])))
     n_mine = sum(len(g) for g in groups.values())
     print(f"{len(jobs)} jobs in all ({len(refs)} references); this part {part}/{parts}: {n_mine}, "
@@ -258,7 +281,8 @@ def generate(argv=None):
     n = write_manifest(args.out, jobs)
     print(f"reference U-Net forwards: {n_ref_forwards}")
     print(f"wrote {todo} images to '{os.path.join(args.out, 'bounding_box_train')}'; "
-          f"'{os.path.join(args.out, 'manifest.csv')}' lists {n} of {len(jobs)} jobs")
+          f"'{os.path.join(args.out, 'manifest.csv')}' lists {n} of {len(jobs)} jobs"
+          + (f" ({n_skipped} skipped: their reference cannot be read)" if bad else ""))
 
 
 def main():
