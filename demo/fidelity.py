@@ -13,7 +13,6 @@ Writes <generated>/fidelity.json (--out), and with --sheet a PNG of references a
 """
 import os
 import sys
-import csv
 import argparse
 
 import numpy as np
@@ -96,7 +95,14 @@ def parse_args(argv=None):
     p.add_argument("--generator", default=None, help="the generator folder: also measure its VAE's ceiling "
                    "(person PSNR and colourfulness of the oracle renders encoded and decoded)")
     p.add_argument("--ceiling-images", type=int, default=256, help="oracle renders for the VAE ceiling")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("sheet_rows", "ceiling_images"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    for flag, path in (("--out", args.out), ("--sheet", args.sheet)):
+        if path:
+            util.check_output_file(path, flag)
+    return args
 
 
 def fidelity(argv=None):
@@ -105,22 +111,28 @@ def fidelity(argv=None):
         raise UserError("--sheet needs --data (references) and --targets (skeleton maps)")
     from PIL import Image
     man = os.path.join(args.generated, "manifest.csv")
-    if not os.path.isfile(man):
-        raise UserError(f"'{args.generated}' has no manifest.csv (write it with 03_generate.py)")
-    with open(man, newline="") as f:
-        rows = list(csv.DictReader(f))
+    # every listed image present, listed once, with its source, pid and target (else one line)
+    rows = util.read_manifest(args.generated, ("file", "source", "pid", "target_id"))
     masks_dir = args.oracle_masks or os.path.join(args.oracle, "masks")
     have = [r for r in rows if os.path.isfile(os.path.join(args.oracle, r["file"]))]
     if not have:
         raise UserError(f"none of the {len(rows)} images of '{man}' has an oracle render in '{args.oracle}' "
                         f"(make them with 'python demo/oracle.py --manifest {man} ...')")
+    if len(have) < len(rows):  # documented: the figures cover the images that have an oracle render
+        missing = next(r["file"] for r in rows if not os.path.isfile(os.path.join(args.oracle, r["file"])))
+        print(f"warning: {len(rows) - len(have)} of the {len(rows)} images have no oracle render in "
+              f"'{args.oracle}' (e.g. '{missing}'): left out, counted as images_without_oracle", file=sys.stderr)
 
-    def load(path, size=None):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != size:
-                im = im.resize(size, Image.BICUBIC)
-            return np.asarray(im, dtype=np.float64) / 255.0
+    def load(path, size=None, mode="RGB", resample=Image.BICUBIC):
+        try:
+            with Image.open(path) as im:
+                im = im.convert(mode)
+                if size is not None and im.size != size:
+                    im = im.resize(size, resample)
+                return np.asarray(im, dtype=np.float64) / 255.0
+        except Exception as e:  # a figure over the readable rest would be partial without a word
+            raise UserError(f"image '{path}' cannot be read ({type(e).__name__}): delete it and rerun the command "
+                            f"that made it (03_generate.py or demo/oracle.py)")
 
     gen, ora, gmask, omask = {}, {}, {}, {}
     for r in tqdm(have, desc="loading", leave=False):
@@ -129,8 +141,7 @@ def fidelity(argv=None):
         ora_img = load(os.path.join(args.oracle, r["file"]), size)
         mask_path = os.path.join(masks_dir, os.path.splitext(os.path.basename(r["file"]))[0] + ".mask.png")
         if os.path.isfile(mask_path):
-            with Image.open(mask_path) as im:
-                ora_mask = np.asarray(im.convert("L").resize(size, Image.NEAREST)) > 127
+            ora_mask = load(mask_path, size, "L", Image.NEAREST) > 0.5
         else:
             ora_mask = estimate_mask(ora_img)
         gen[r["file"]], ora[r["file"]] = gen_img, ora_img

@@ -14,7 +14,6 @@ hours on Re-ID training with generated images.
 """
 import os
 import sys
-import csv
 import argparse
 
 import numpy as np
@@ -55,29 +54,39 @@ def parse_args(argv=None):
     ap.add_argument("--out", required=True, help="JSON to write")
     ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
     ap.add_argument("--workers", type=int, default=2, help="image loader processes")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.workers < 0:
+        raise util.UserError(f"--workers {args.workers}: must be 0 or more")
+    util.check_output_file(args.out)
+    return args
+
+
+def read_images(folder):
+    """[(path, source pid, 0)] of every image a manifest lists: all of them present, readable,
+    listed once (else one line: the agreement over a partial set would be another figure)."""
+    rows = util.read_manifest(folder, ("file", "pid"), writer="03_generate.py or demo/oracle.py")
+    items = [(os.path.join(folder, r["file"]), int(r["pid"]), 0) for r in rows]
+    bad = models.unreadable_images([p for p, _, _ in items], f"images of {folder}")
+    if bad:
+        raise util.UserError(f"{len(bad)} of the {len(items)} images listed in '{os.path.join(folder, 'manifest.csv')}' "
+                             f"cannot be read (e.g. '{bad[0][0]}', {bad[0][1][:80]}): delete them and rerun the "
+                             f"command that made them (03_generate.py or demo/oracle.py)")
+    return items
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(util.pick_device(args.device))
     model, ckpt = models.load_reid_model(args.model, device)
-    train = util.list_split(os.path.join(args.data, util.SPLIT_DIRS["train"]))
+    image_sets = {name: read_images(folder) for name, folder in (("generated", args.generated), ("oracle", args.oracle))
+                  if folder is not None}  # (checked before any feature is computed)
+    train, n_bad = models.check_images(util.list_split(os.path.join(args.data, util.SPLIT_DIRS["train"])),
+                                       "train images")  # (skipped and counted, as 04 does)
     feats = lambda items: models.extract_features(model, items, device, ckpt["height"], ckpt["width"],
                                                   workers=args.workers).numpy()
     train_feats, train_labels = feats(train), np.array([pid for _, pid, _ in train])
     res = dict(model=args.model, identities=int(len(np.unique(train_labels))), chance=1.0 / len(np.unique(train_labels)))
-    for name, folder in (("generated", args.generated), ("oracle", args.oracle)):
-        if folder is None:
-            continue
-        man = os.path.join(folder, "manifest.csv")
-        if not os.path.isfile(man):
-            raise util.UserError(f"'{folder}' has no manifest.csv (03_generate.py or demo/oracle.py writes it)")
-        with open(man, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if os.path.isfile(os.path.join(folder, r["file"]))]
-        items = [(os.path.join(folder, r["file"]), int(r["pid"]), 0) for r in rows]
-        if not items:
-            raise util.UserError(f"none of the images listed in '{man}' exists")
+    for name, items in image_sets.items():
         gen_feats, labels = feats(items), np.array([pid for _, pid, _ in items])
         assigned = nearest_centroid(train_feats, train_labels, gen_feats)
         res[name] = dict(images=len(items), agreement=float(np.mean(assigned == labels)),
@@ -93,7 +102,8 @@ def main(argv=None):
     g = res["generated"]
     print(f"the generated images that lose their identity land on {g['wrong_ids']} identities, "
           f"{100 * g['wrong_top5']:.0f}% of them on 5; feature spread {g['spread_vs_real']:.2f} of the real images'")
-    print(f"read {args.model}, {len(train)} train images of {args.data}; wrote {args.out}")
+    print(f"read {args.model}, {len(train)} train images of {args.data}"
+          + (f" (skipped {n_bad} unreadable)" if n_bad else "") + f"; wrote {args.out}")
     return res
 
 
