@@ -300,6 +300,9 @@ def parse_args(argv=None):
         raise util.UserError(f"--choose {args.choose}: must be 0 (keep all) or more")
     if args.cmd == "targets":
         args.size = args.size or "192x384"
+    if args.size:
+        parse_size(args.size)  # (checked now, before anything is rendered)
+    (util.check_output_file if args.cmd == "bank" else util.check_output_dir)(args.out)
     return args
 
 

@@ -62,6 +62,22 @@ def image_list(data, split):
     return folder, names
 
 
+def readable_images(folder, names):
+    """-> (the names whose image decodes, the names whose image does not), with a warning for each of those."""
+    import warnings
+    from PIL import Image
+    ok, bad = [], []
+    for n in names:
+        try:
+            with Image.open(os.path.join(folder, n)) as im:
+                im.load()
+            ok.append(n)
+        except Exception as e:
+            bad.append(n)
+            warnings.warn(f"skipping unreadable image '{os.path.join(folder, n)}' ({type(e).__name__}: {e})")
+    return ok, bad
+
+
 def load_vitpose(model_id, device):
     from transformers import VitPoseImageProcessor, VitPoseForPoseEstimation
     try:
@@ -93,11 +109,16 @@ def vitpose_keypoints(proc, model, images, device):
 def run_keypoints(args):
     from PIL import Image
     t0 = time.time()
+    splits = {split: image_list(args.data, split) for split in args.splits}  # (before the model loads)
     device = util.pick_device(args.device)
     proc, model = load_vitpose(args.model, device)
     print(f"ViTPose '{args.model}' on {device}, batch {args.batch_size}")
-    for split in args.splits:
-        folder, names = image_list(args.data, split)
+    for split, (folder, names) in splits.items():
+        # images that cannot be decoded are skipped with a warning naming them, counted, and listed
+        # in the file (key unreadable, when there are any), as 04 and 05 skip them
+        names, unreadable = readable_images(folder, names)
+        if not names:
+            raise util.UserError(f"none of the {len(unreadable)} images in '{folder}' can be read")
         kps, sizes = [], []
         for start in tqdm(range(0, len(names), args.batch_size), desc=f"keypoints {split}", unit="batch"):
             ims = [Image.open(os.path.join(folder, n)).convert("RGB") for n in names[start:start + args.batch_size]]
@@ -105,8 +126,10 @@ def run_keypoints(args):
             sizes += [(im.height, im.width) for im in ims]
         path = os.path.join(args.out, f"{split}.keypoints.npz")
         util.save_npz(path, names=np.array(names), keypoints=np.concatenate(kps),
-                        image_size=np.array(sizes, np.int32), model=np.array(args.model))
-        print(f"read {len(names)} images from {folder}; wrote {path}")
+                        image_size=np.array(sizes, np.int32), model=np.array(args.model),
+                        **({"unreadable": np.array(unreadable)} if unreadable else {}))
+        print(f"read {len(names)} images from {folder}" + (f" (skipped {len(unreadable)} unreadable)" if unreadable else "")
+              + f"; wrote {path}")
     print(f"keypoints: {time.time() - t0:.1f} s")
 
 # -----------------------------------------------------------------------------
@@ -331,11 +354,16 @@ def run_fit(args):
         kpath = args.keypoints or os.path.join(args.out, f"{split}.keypoints.npz")
         if not os.path.exists(kpath):
             raise util.UserError(f"keypoint file '{kpath}' not found: run '01b_estimate_smpl.py keypoints' first")
-        with np.load(kpath, allow_pickle=False) as z:
-            if not {"names", "keypoints", "image_size"} <= set(z.files) or z["keypoints"].shape[1:] != (17, 3):
-                raise util.UserError(f"'{kpath}' is not a keypoint file: expected names, keypoints (N,17,3) "
-                                       f"COCO-17 [x, y, score], image_size (N,2)")
-            names, kp, size = z["names"], z["keypoints"].astype(np.float64), z["image_size"]
+        try:
+            with np.load(kpath, allow_pickle=False) as z:
+                z = {k: z[k] for k in z.files if k in ("names", "keypoints", "image_size")}
+        except Exception as e:
+            raise util.UserError(f"keypoint file '{kpath}' cannot be read ({type(e).__name__}): it may be truncated; "
+                                 f"delete it and run '01b_estimate_smpl.py keypoints' again")
+        if len(z) < 3 or z["keypoints"].shape[1:] != (17, 3):
+            raise util.UserError(f"'{kpath}' is not a keypoint file: expected names, keypoints (N,17,3) "
+                                   f"COCO-17 [x, y, score], image_size (N,2)")
+        names, kp, size = z["names"], z["keypoints"].astype(np.float64), z["image_size"]
         out, skipped, dt = fit_keypoints(keypoint_model, names, kp, size, args, device)
         path = os.path.join(args.out, f"{split}.npz")
         save_sidecar(path, out, skipped, body.source)
@@ -379,6 +407,11 @@ def run_import(args):
     if need:
         raise util.UserError(f"'{args.params}' lacks {need}: see docs/estimate.md for the format")
     n = len(given["names"])
+    short = [k for k in ("global_orient", "body_pose", "image_size", "betas", "K", "R", "t", "cam_t")
+             if k in given and (np.ndim(given[k]) == 0 or len(given[k]) != n)]
+    if short:
+        raise util.UserError(f"'{args.params}' has {n} names but {short[0]} has shape {np.shape(given[short[0]])}: "
+                             f"every per-image array needs one row per name (docs/estimate.md)")
     global_orient = as_axis_angle(given["global_orient"], 1, "global_orient")
     body_pose = as_axis_angle(given["body_pose"], 23, "body_pose")
     betas = np.zeros((n, 10))
@@ -562,6 +595,17 @@ def parse_args(argv=None):
     if args.cmd is None:
         ap.print_help()
         raise util.UserError("give a subcommand: keypoints, fit, import or evaluate")
+    for name, least in (("batch_size", 1), ("inits", 1), ("steps", 4), ("threads", 1)):  # (those it has)
+        if getattr(args, name, least) < least:
+            raise util.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {least}"
+                                 + (" (a quarter of it runs first)" if name == "steps" else ""))
+    if getattr(args, "max_images", 0) < 0:
+        raise util.UserError(f"--max-images {args.max_images}: must be 0 (all) or more")
+    if args.cmd == "evaluate":
+        if args.json:
+            util.check_output_file(args.json, "--json")
+    else:
+        util.check_output_dir(args.out)
     return args
 
 
