@@ -518,6 +518,8 @@ CASES += [
     Case("03-guiders-truncated", "03_generate.py", lambda c: damaged_gen_03(c, "guiders.safetensors"),
          "pose guider weights"),
     Case("03-generator-args-json-truncated", "03_generate.py", lambda c: damaged_gen_03(c, "args.json"), "JSON"),
+    Case("03-denoising-unet-truncated", "03_generate.py",
+         lambda c: damaged_gen_03(c, "denoising_unet/diffusion_pytorch_model.safetensors"), "denoising U-Net"),
     Case("03-data-missing", "03_generate.py", lambda c: swap(r03(c), "--data", c.tmp / "nope"), "missing"),
     Case("03-targets-missing", "03_generate.py", lambda c: swap(r03(c), "--targets", c.tmp / "nope"), "targets.csv"),
     Case("03-targets-columns-missing", "03_generate.py",
