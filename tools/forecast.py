@@ -65,6 +65,7 @@ def parse_args(argv=None):
 def unit_costs(fig):
     """The per-item seconds the forecast multiplies, each with how it is made. -> {name: (seconds, source)}."""
     p, f, m = fig["paper"], fig["fullsize_cpu"], fig["measured"]
+    per = lambda k: max(0.0, m[k]["seconds_per_item"])  # (a flat cost can measure a hair below 0)
     s2 = p["stage2"]["hours"] * 3600 / p["stage2"]["steps"]
     train_cpu = sum(f["train_step_batch1_s"]) / len(f["train_step_batch1_s"])
     ddim_cpu = f["generate_s_per_image"] / f["generate_ddim_steps"]
@@ -72,13 +73,13 @@ def unit_costs(fig):
     manifest = m["manifest"]["seconds"] / 10.0  # 03 rewrites its manifest every 10 s
     loader2, loader1 = (m["generator_loader"][k]["seconds_per_step"] for k in ("stage2", "stage1"))
     c = {
-        "keypoints": (m["keypoints"]["seconds_per_item"], "measured (CPU side; tiny ViTPose)"),
-        "fit": (m["fit"]["seconds_per_item"], "measured on CPU (upper bound)"),
-        "conditions": (m["conditions"]["seconds_per_item"], "measured"),
-        "conditions_768": (m["conditions_768"]["seconds_per_item"], "measured"),
-        "bank": (m["bank"]["seconds_per_item"], "measured"),
-        "bank_choose": (m["bank_choose"]["seconds_per_item"], "measured"),
-        "targets": (m["targets"]["seconds_per_item"], "measured"),
+        "keypoints": (per("keypoints"), "measured (CPU side; tiny ViTPose)"),
+        "fit": (per("fit"), "measured on CPU (upper bound)"),
+        "conditions": (per("conditions"), "measured"),
+        "conditions_768": (per("conditions_768"), "measured"),
+        "bank": (per("bank"), "measured"),
+        "bank_choose": (per("bank_choose"), "measured"),
+        "targets": (per("targets"), "measured"),
         "stage1_step": (p["stage1"]["hours"] * 3600 / p["stage1"]["steps"] + loader1,
                         "paper 15 h / 30k steps + measured loading"),
         "stage2_step": (s2 + loader2, "paper 6.5 h / 30k steps + measured loading"),
@@ -87,7 +88,7 @@ def unit_costs(fig):
                       "paper 2 h / 20k steps on 2 GPUs, x2"),
         "reid_loader": (m["reid_loader"]["vi"]["seconds_per_batch"], "measured"),
         "evaluate": (m["evaluate"]["points"][-1]["seconds"], "measured at full counts"),
-        "identity": (m["identity"]["seconds_per_item"], "measured (tiny ResNet)"),
+        "identity": (per("identity"), "measured (tiny ResNet)"),
     }
     c["ratio"] = (ratio, "computed")
     return c
@@ -167,16 +168,18 @@ def main(argv=None):
     rows, total = forecast(args, fig)
     m = fig["measured"]
     print(f"forecast: run_all.sh {args.dataset}{' --tables' if args.tables else ''}, {args.seeds} Re-ID seed(s), "
-          f"{args.gpus} GPU(s) (RTX A6000 as the paper's); figures of {args.figures} "
+          f"{args.gpus} GPU(s) (RTX A6000 as the paper's); figures of {os.path.relpath(args.figures)} "
           f"(measured {m['date']}; docs/forecast.md)")
     print(f"{'stage':42s} {'items':>10s} {'per item':>10s} {'hours':>8s}  source")
     for stage, items, sec, hours, source in rows:
         print(f"{stage:42s} {items:>10,} {fmt_seconds(sec):>10s} {hours:8.2f}  {source}")
     print(f"{'total':42s} {'':>10s} {'':>10s} {total:8.1f}  = {total / 24:.1f} days")
     ident = m["identity"]
-    need = fig["run"]["pool_vi"] * fig["datasets"][args.dataset]["ids"] * 2048 * 4 * 2 / 2 ** 30
-    print(f"note: the identity score as written needs ~{need:,.0f} GiB of memory for {fig['run']['pool_vi']:,} images "
-          f"with ResNet50's 2048-d feature (measured {ident['mib_per_item']:.2f} MiB per image at 128-d: docs/forecast.md)")
+    ids = fig["datasets"][args.dataset]["ids"] / fig["datasets"]["market1501"]["ids"]
+    need = fig["run"]["pool_vi"] * ident["mib_per_item"] * ids * 2048 / ident.get("feature_dim", 128) / 1024
+    print(f"note: tools/identity_score.py as written needs ~{need:,.0f} GiB of memory for {fig['run']['pool_vi']:,} "
+          f"generated images with ResNet50's 2048-d feature (measured: {ident['mib_per_item']:.2f} MiB per image at "
+          f"{ident.get('feature_dim', 128)}-d; docs/forecast.md)")
     if args.gpus == 2:
         print("note: 2 GPUs = 02, 03 and 04 under torchrun (or two processes); run_all.sh runs each stage as one "
               "process on one GPU: see --gpus 1")
