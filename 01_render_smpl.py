@@ -34,6 +34,7 @@ import argparse
 
 import numpy as np
 import torch
+from scipy.spatial.distance import cdist
 from tqdm import tqdm
 
 import util
@@ -154,23 +155,28 @@ def make_targets(args):
           f"{size[1]}x{size[0]}) to {args.out}/targets.csv, params.npz, maps/ in {time.time() - t0:.1f} s")
 
 
-def pose_joints(model, body_pose):
+def pose_joints(model, body_pose, chunk=256):
     """(N, 69) body poses -> (N, 72) joint positions: neutral shape, no root rotation, root joint
-    at the origin (what the distance between two poses is measured on)."""
-    n = len(body_pose)
-    _, joints = body_forward(model, np.zeros((n, 10)), np.zeros((n, 3)), body_pose)
-    joints = np.asarray(joints)[:, :24]
-    return (joints - joints[:, :1]).reshape(n, -1)
+    at the origin (what the distance between two poses is measured on). In chunks: the mesh of
+    every training pose at once would be ~5 GB at Market-1501's 12,936."""
+    out = []
+    for s in range(0, len(body_pose), chunk):
+        n = len(body_pose[s:s + chunk])
+        joints = body_forward(model, np.zeros((n, 10)), np.zeros((n, 3)), body_pose[s:s + chunk])[1][:, :24]
+        out.append((joints - joints[:, :1]).reshape(n, -1))
+    return np.concatenate(out) if out else np.zeros((0, 72))
 
 
 def farthest_poses(candidates, avoid, n):
     """Greedy farthest-point sampling: n rows of candidates (N, D), each next one the candidate
     whose nearest neighbour among avoid (M, D) and the rows already chosen is farthest (RMS over
-    the D / 3 joints). -> (indices, that nearest distance at the time each was chosen)."""
-    rms = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).reshape(len(a), len(b), -1, 3).sum(-1).mean(-1))
+    the D / 3 joints = Euclidean distance / sqrt(D / 3)). -> (indices, that nearest distance at
+    the time each was chosen)."""
+    rms = lambda a, b: cdist(a, b) / np.sqrt(a.shape[1] / 3)
     nearest = np.full(len(candidates), np.inf)
-    for i in range(0, len(avoid), 2048):  # the training set may be large: in chunks
-        nearest = np.minimum(nearest, rms(candidates, avoid[i:i + 2048]).min(1))
+    for i in range(0, len(candidates), 4096):  # video frames and training poses may be many: in blocks
+        for j in range(0, len(avoid), 4096):
+            nearest[i:i + 4096] = np.minimum(nearest[i:i + 4096], rms(candidates[i:i + 4096], avoid[j:j + 4096]).min(1))
     chosen, at = [], []
     for _ in range(min(n, len(candidates))):
         k = int(np.argmax(nearest))
@@ -225,15 +231,20 @@ def make_conditions(args):
             out = os.path.join(args.out, split)
             todo = [i for i, stem in enumerate(names) if args.overwrite or
                     not all(os.path.exists(cond_path(out, stem, k)) for k in COND_KINDS)]
-            verts, joints = body_forward(model, params["betas"][todo], params["global_orient"][todo],
-                                         params["body_pose"][todo]) if todo else ([], [])
-            for i, v, jt in tqdm(list(zip(todo, verts, joints)), desc=f"conditions {split}", unit="img"):
-                stored = tuple(int(x) for x in params["image_size"][i])
-                size = parse_size(args.size) if args.size else stored
-                K = scale_camera(params["K"][i], stored, size)
-                maps, _ = condition_maps(ren, v, jt, K, params["R"][i].astype(np.float64),
-                                         params["t"][i].astype(np.float64), size)
-                write_maps(out, names[i], maps)
+            bar = tqdm(total=len(todo), desc=f"conditions {split}", unit="img")
+            for c in range(0, len(todo), 256):  # meshes a chunk at a time: all at once is ~3.5 GB on Market-1501
+                chunk = todo[c:c + 256]
+                verts, joints = body_forward(model, params["betas"][chunk], params["global_orient"][chunk],
+                                             params["body_pose"][chunk])
+                for i, v, jt in zip(chunk, verts, joints):
+                    stored = tuple(int(x) for x in params["image_size"][i])
+                    size = parse_size(args.size) if args.size else stored
+                    K = scale_camera(params["K"][i], stored, size)
+                    maps, _ = condition_maps(ren, v, jt, K, params["R"][i].astype(np.float64),
+                                             params["t"][i].astype(np.float64), size)
+                    write_maps(out, names[i], maps)
+                    bar.update()
+            bar.close()
             total += len(todo)
             print(f"read {smpl_dir}/{split}.npz ({len(names)} images); wrote {len(todo)} map sets to {out} "
                   f"({len(names) - len(todo)} existed)")

@@ -485,6 +485,12 @@ def test_identity_score_nearest_centroid_by_hand():
     ql = np.array([1, 2, 3, 1, 7])  # kept, kept, nearer 2 than 3: lost, nearer 1 (4) than 3 (6): kept, unknown id
     assert np.mean(ident.nearest_centroid(tf, tl, q) == ql) == pytest.approx(3 / 5)
     assert list(ident.nearest_centroid(tf, tl, q)) == [1, 2, 2, 1, 1]
+    # more images than one chunk (4,096): the same labels as the direct images x ids x dim formula
+    rng = np.random.default_rng(0)
+    tf, tl, q = rng.normal(size=(300, 16)), rng.integers(0, 40, 300), rng.normal(size=(9000, 16))
+    ids = np.unique(tl)
+    centroids = np.stack([tf[tl == c].mean(0) for c in ids])
+    assert (ident.nearest_centroid(tf, tl, q) == ids[((q[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)]).all()
     # lost images landing on 7 identities, 4, 3, 2, 1, 1, 1, 1 times: 11 of the 13 on the 5 most frequent
     assigned = np.array([1] * 4 + [2] * 3 + [3] * 2 + [4, 5, 6, 7] + [9, 9])
     labels = np.array([0] * 13 + [9, 9])  # the last two are kept
