@@ -267,6 +267,13 @@ else
   fi
   GEN_V=("${GEN[@]}")
   SEEDS=${SEEDS:-0}
+  if [ $SMOKE = 0 ]; then  # what the run will cost before a GPU hour is spent (figures and method: docs/forecast.md)
+    frames() { if [ -d "$1" ]; then find "$1" -mindepth 2 -maxdepth 2 -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' \) | wc -l; else echo 0; fi; }
+    FORECAST=(tools/forecast.py --dataset $DATASET --seeds $(echo $SEEDS | wc -w) --added $ADDED
+              --stage1-steps ${STAGE1_STEPS:-30000} --gen-steps ${GEN_STEPS:-30000} --reid-steps ${REID_STEPS:-20000}
+              --stage1-frames $(frames "$STAGE1_DATA") --pose-video-frames $(frames "$POSE_VIDEOS") $([ $TABLES = 1 ] && echo --tables || true))
+    if [ $DRY = 1 ]; then python3 "${FORECAST[@]}" | sed 's/^/# /' || true; else python "${FORECAST[@]}" || true; fi
+  fi
   SPLITS="same:$DATA_ROOT"
   NOCHECK=$([ $SIZECHECK = 1 ] && echo "--dataset $DATASET" || echo --no-size-check); NOCHECK=($NOCHECK)
   BODY=(${SMPL_MODEL:+--smpl-model "$SMPL_MODEL"})

@@ -88,3 +88,23 @@ def test_shipped_figures():
                         "--tables", "--seeds", "3", "--gpus", "2"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "total" in r.stdout and "03 generate (VI) pool" in r.stdout
+
+
+def test_dry_run_prints_the_forecast_of_its_own_settings(tmp_path):
+    """run_all.sh --dry-run on real data prints the forecast (as '# ' comments, so the output stays a
+    list of commands) for the settings it was given: rows, seeds, steps, the dance-video frames."""
+    (tmp_path / "market" / "bounding_box_train").mkdir(parents=True)
+    for n in range(3):
+        (tmp_path / "dance" / "vid").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "dance" / "vid" / f"{n:04d}.jpg").write_bytes(b"")
+    r = subprocess.run(["bash", "run_all.sh", "market1501", "--data-root", str(tmp_path / "market"), "--dry-run",
+                        "--tables", "--seeds", "0 1 2", "--reid-steps", "1000", "--pose-videos", str(tmp_path / "dance")],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, RUNS_DIR=str(tmp_path / "runs")))
+    assert r.returncode == 0, r.stderr
+    shown = [l[2:] for l in r.stdout.splitlines() if l.startswith("# ")]
+    same = subprocess.run([sys.executable, "tools/forecast.py", "--dataset", "market1501", "--tables", "--seeds", "3",
+                           "--reid-steps", "1000", "--pose-video-frames", "3"], capture_output=True, text=True, cwd=ROOT)
+    expected = same.stdout.splitlines()
+    assert expected[0].startswith("forecast:") and expected[-1].startswith("total")
+    assert shown[shown.index(expected[0]):][:len(expected)] == expected
+    assert not (tmp_path / "runs").exists()

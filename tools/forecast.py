@@ -10,15 +10,19 @@ measurements of the SD-1.5-sized generator. How each figure is made: docs/foreca
 
 --gpus 2 assumes 02, 03 and 04 are run under torchrun (or two processes, one per GPU): run_all.sh
 itself starts every stage as one process, which uses one GPU, so its own time is the --gpus 1 one.
+
+Standard library only: `run_all.sh ... --dry-run` prints this forecast before anything is set up.
 """
 import os
 import sys
+import json
 import argparse
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import util  # noqa: E402
+FIGURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "forecast.json")
 
-FIGURES = os.path.join(util.ROOT, "docs", "forecast.json")
+
+class UserError(Exception):
+    """Bad input: main() prints it as one 'error:' line and exits 2, as every stage script does."""
 SWEEP = (3500, 7000, 14000, 21000, 28000, 35000, 42000, 56000)  # run_all.sh's Table 2 counts
 
 
@@ -40,24 +44,24 @@ def parse_args(argv=None):
     ap.add_argument("--figures", default=FIGURES, help="the figures (default docs/forecast.json)")
     args = ap.parse_args(argv)
     if args.dataset not in ("market1501", "dukemtmc"):
-        raise util.UserError(f"--dataset '{args.dataset}': use market1501 or dukemtmc")
+        raise UserError(f"--dataset '{args.dataset}': use market1501 or dukemtmc")
     if args.gpus not in (1, 2):
-        raise util.UserError(f"--gpus {args.gpus}: use 1 or 2")
+        raise UserError(f"--gpus {args.gpus}: use 1 or 2")
     for name in ("seeds", "gen_steps", "reid_steps"):
         if getattr(args, name) < 1:
-            raise util.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     for name in ("stage1_steps", "stage1_frames", "pose_video_frames"):
         if getattr(args, name) < 0:
-            raise util.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 or more")
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 or more")
     if args.added not in ("stated", "totals"):
         try:
             args.added = int(args.added)
         except ValueError:
-            raise util.UserError(f"--added '{args.added}': use stated, totals or a number of images")
+            raise UserError(f"--added '{args.added}': use stated, totals or a number of images")
         if args.added < 1:
-            raise util.UserError(f"--added {args.added}: must be at least 1")
+            raise UserError(f"--added {args.added}: must be at least 1")
     if not os.path.isfile(args.figures):
-        raise util.UserError(f"figures file '{args.figures}' not found (docs/forecast.json; tools/rehearse.py "
+        raise UserError(f"figures file '{args.figures}' not found (docs/forecast.json; tools/rehearse.py "
                              f"measures its 'measured' part)")
     return args
 
@@ -164,7 +168,8 @@ def fmt_seconds(s):
 
 def main(argv=None):
     args = parse_args(argv)
-    fig = util.load_json(args.figures)
+    with open(args.figures) as f:
+        fig = json.load(f)
     rows, total = forecast(args, fig)
     m = fig["measured"]
     print(f"forecast: run_all.sh {args.dataset}{' --tables' if args.tables else ''}, {args.seeds} Re-ID seed(s), "
@@ -174,16 +179,14 @@ def main(argv=None):
     for stage, items, sec, hours, source in rows:
         print(f"{stage:42s} {items:>10,} {fmt_seconds(sec):>10s} {hours:8.2f}  {source}")
     print(f"{'total':42s} {'':>10s} {'':>10s} {total:8.1f}  = {total / 24:.1f} days")
-    ident = m["identity"]
-    ids = fig["datasets"][args.dataset]["ids"] / fig["datasets"]["market1501"]["ids"]
-    need = fig["run"]["pool_vi"] * ident["mib_per_item"] * ids * 2048 / ident.get("feature_dim", 128) / 1024
-    print(f"note: tools/identity_score.py as written needs ~{need:,.0f} GiB of memory for {fig['run']['pool_vi']:,} "
-          f"generated images with ResNet50's 2048-d feature (measured: {ident['mib_per_item']:.2f} MiB per image at "
-          f"{ident.get('feature_dim', 128)}-d; docs/forecast.md)")
     if args.gpus == 2:
         print("note: 2 GPUs = 02, 03 and 04 under torchrun (or two processes); run_all.sh runs each stage as one "
               "process on one GPU: see --gpus 1")
 
 
 if __name__ == "__main__":
-    util.run_main(main)
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
