@@ -23,7 +23,6 @@ uses both: docs/generator.md).
 """
 import os
 import time
-import copy
 import argparse
 import contextlib
 import importlib.util
@@ -104,49 +103,6 @@ def list_pairs_stage1(data, conditions):
     return items, groups
 
 
-def unreadable_map(folder, stem):
-    """The first of an image's maps that is damaged (PIL's verify: every PNG chunk and its checksum,
-    without decoding the pixels), else None."""
-    from PIL import Image
-    for k in common.COND_KINDS:
-        p = body.cond_path(folder, stem, k)
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception:
-            return p
-    return None
-
-
-def check_conditions(items, groups, skip_missing=False):
-    """-> groups without the images that lack maps (only with skip_missing; else a clear error).
-    Real photos whose SMPL fit was skipped (01b: too few confident keypoints) have no maps. A map
-    that cannot be read (a truncated copy) is one line naming it, or with skip_missing counts as
-    missing."""
-    bad = [i for i, (_, c, s) in enumerate(items)
-           if not all(os.path.isfile(body.cond_path(c, s, k)) for k in common.COND_KINDS)]
-    missing, broken = set(bad), []
-    for i, (_, c, s) in enumerate(tqdm(items, desc="checking maps", leave=False, mininterval=1.0, disable=None)):
-        p = None if i in missing else unreadable_map(c, s)
-        if p:
-            broken.append((i, p))
-    if broken and not skip_missing:
-        raise UserError(f"condition map '{broken[0][1]}' cannot be read ({len(broken)} image(s) have such maps): "
-                        f"delete it and render it again with 'python 01_render_smpl.py conditions', or pass "
-                        f"--skip-missing-conditions to train without those images")
-    bad = sorted(bad + [i for i, _ in broken])
-    if bad and not skip_missing:
-        _, c, s = items[bad[0]]
-        raise UserError(f"condition maps missing for {len(bad)} of {len(items)} images (e.g. "
-                        f"'{body.cond_path(c, s, 'depth')}'): make them with 'python 01_render_smpl.py "
-                        f"conditions', or pass --skip-missing-conditions to train without those images")
-    if bad:
-        print(f"skipping {len(bad)} images without condition maps (e.g. '{items[bad[0]][0]}')")
-    bad = set(bad)
-    groups = [[i for i in g if i not in bad] for g in groups]
-    return [g for g in groups if len(g) >= 2]
-
-
 class PairData(torch.utils.data.Dataset):
     """Sample k of the run -> (target, reference, target's maps). Everything random is drawn from
     rng(seed, k), so a resumed run sees exactly the batches the uninterrupted run would have."""
@@ -216,8 +172,6 @@ def batches(start_micro, batch_size, rank, world):
 def load_models(args):
     """-> (Generator, vae, image_encoder, noise-schedule config, sources dict, carries_frozen_parts):
     the last is True when the VAE and image encoder are the folder's own (they travel with it)."""
-    from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler
-    from transformers import CLIPVisionModelWithProjection
     resume = os.path.isfile(os.path.join(args.out, "checkpoint.pt"))
     if resume and os.path.isfile(os.path.join(args.out, "args.json")):
         prev = util.load_json(os.path.join(args.out, "args.json"))
@@ -230,32 +184,9 @@ def load_models(args):
         sources = {k: prev.get(k) for k in ("pretrained", "image_encoder", "image_encoder_subfolder")}
         print(f"model from '{args.out if resume else args.init}' ({'resume' if resume else 'init'})")
         return gen, vae, enc, schedule, sources, not prev.get("pretrained")
-    if args.random_unets:  # the paper's row (V): SD-1.5's architecture, randomly initialised
-        torch.manual_seed(args.seed + 9)
-        unet = UNet2DConditionModel.from_config(models.load_config(UNet2DConditionModel, args.pretrained, "unet"))
-    else:
-        unet = models.from_pretrained(UNet2DConditionModel, args.pretrained, "unet", what="pretrained weights")
-    vae = models.from_pretrained(AutoencoderKL, args.pretrained, "vae", what="pretrained weights")
-    sub = args.image_encoder_subfolder
-    if sub is None and not models.has_file(args.image_encoder, "config.json") and \
-            models.has_file(args.image_encoder, "image_encoder/config.json"):
-        sub = "image_encoder"  # e.g. lambdalabs/sd-image-variations-diffusers, a hub id or a local copy
-    enc = models.from_pretrained(CLIPVisionModelWithProjection, args.image_encoder, sub, what="image encoder")
-    if enc.config.projection_dim != unet.config.cross_attention_dim:
-        raise UserError(f"image encoder projection dim {enc.config.projection_dim} != U-Net cross_attention_dim "
-                        f"{unet.config.cross_attention_dim}: pick a matching image encoder")
-    if models.has_file(args.pretrained, "scheduler/scheduler_config.json"):  # the weights' own schedule
-        schedule = dict(models.from_pretrained(DDPMScheduler, args.pretrained, "scheduler", what="noise schedule").config)
-    else:
-        schedule = dict(models.SD15_SCHEDULE)
-        print(f"'{args.pretrained}' has no scheduler/: training with SD-1.5's noise schedule")
-    print(f"weights: {'random U-Nets of the architecture of' if args.random_unets else 'U-Net +'} VAE from "
-          f"'{args.pretrained}', image encoder from '{args.image_encoder}'")
-    ref = copy.deepcopy(unet)  # both U-Nets start from the same weights (paper 3.4)
-    torch.manual_seed(args.seed + 5)  # the guiders' random initialisation
-    gen = common.Generator(ref, unet, common.build_guiders(unet.conv_in.out_channels, models.vae_factor(vae)))
-    sources = dict(pretrained=args.pretrained, image_encoder=args.image_encoder, image_encoder_subfolder=sub)
-    return gen, vae.eval().requires_grad_(False), enc.eval().requires_grad_(False), schedule, sources, False
+    gen, vae, enc, schedule, sources = models.generator_from_pretrained(
+        args.pretrained, args.image_encoder, args.image_encoder_subfolder, args.random_unets, args.seed)
+    return gen, vae, enc, schedule, sources, False
 
 
 # -----------------------------------------------------------------------------
@@ -298,22 +229,6 @@ def save(out, step, gen, opt, ema, args):
     # written last: a checkpoint marks a complete save
     util.save_checkpoint(os.path.join(out, "checkpoint.pt"), model=gen.state_dict(), opt=opt.state_dict(), step=step,
                          args=vars(args), **extra)
-
-
-def write_run_files(args, schedule, sources, carries_frozen_parts, vae, enc, n_unreadable=0):
-    """args.json (with where the frozen parts come from, and how many training images could not be
-    read, when any), scheduler/, and vae/ + image_encoder/ when the generator owns them."""
-    from diffusers import DDPMScheduler
-    run_args = dict(vars(args), size=f"{args.size[1]}x{args.size[0]}", **sources)
-    run_args.update(size_hw=list(args.size), vae_factor=models.vae_factor(vae), conditions_kinds=list(common.COND_KINDS))
-    if n_unreadable:
-        run_args["unreadable_images"] = n_unreadable
-    util.save_json(os.path.join(args.out, "args.json"), run_args)
-    models.save_pretrained_atomic(DDPMScheduler.from_config(schedule), os.path.join(args.out, "scheduler"))
-    if carries_frozen_parts:
-        for sub, m in (("vae", vae), ("image_encoder", enc)):
-            if not os.path.isdir(os.path.join(args.out, sub)):
-                models.save_pretrained_atomic(m, os.path.join(args.out, sub))
 
 
 def validation_batch(data, args):
@@ -408,7 +323,7 @@ def parse_args(argv=None):
 
 def load_pairs(args):
     items, groups = (list_pairs_stage2 if args.stage == 2 else list_pairs_stage1)(args.data, args.conditions)
-    groups = check_conditions(items, groups, args.skip_missing_conditions)
+    groups = body.check_conditions(items, groups, args.skip_missing_conditions)
     # images that cannot be decoded are skipped with a warning naming them, and counted (as 04 and 05 do)
     kept, n_bad = models.check_images([(items[i][0], i) for g in groups for i in g], "training images", bar=None)
     if n_bad:
@@ -481,7 +396,7 @@ def main():
     model = torch.nn.parallel.DistributedDataParallel(gen, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else gen
     if is_main:
-        write_run_files(args, schedule, sources, carries_frozen_parts, vae, enc, data.unreadable)
+        models.write_generator_files(args, schedule, sources, carries_frozen_parts, vae, enc, data.unreadable)
         log = util.CsvLog(os.path.join(args.out, "log.csv"), ["step", "loss", "lr", "sec_per_step", "samples_per_sec"], start)
     if start >= args.steps:
         print(f"nothing to do: already trained {start} steps (--steps {args.steps})")

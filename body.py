@@ -26,6 +26,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")  # headless OpenGL (Debian'
 os.environ.setdefault("LP_NUM_THREADS", "1")  # OSMesa's rasteriser: one thread per process, we scale by processes
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from common import COND_KINDS
 from util import UserError, save_image
@@ -136,6 +137,49 @@ def load_conditions(folder, stem, size=None):
 def write_maps(folder, stem, maps):
     for kind in COND_KINDS:
         save_image(cond_path(folder, stem, kind), maps[kind])
+
+
+def unreadable_map(folder, stem):
+    """The first of an image's maps that is damaged (PIL's verify: every PNG chunk and its checksum,
+    without decoding the pixels), else None."""
+    for k in COND_KINDS:
+        p = cond_path(folder, stem, k)
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception:
+            return p
+    return None
+
+
+def check_conditions(items, groups, skip_missing=False):
+    """02's training pairs: items [(image, map folder, stem)], groups [[item indices]] -> groups
+    without the images that lack maps (only with skip_missing; else a clear error).
+    Real photos whose SMPL fit was skipped (01b: too few confident keypoints) have no maps. A map
+    that cannot be read (a truncated copy) is one line naming it, or with skip_missing counts as
+    missing."""
+    bad = [i for i, (_, c, s) in enumerate(items)
+           if not all(os.path.isfile(cond_path(c, s, k)) for k in COND_KINDS)]
+    missing, broken = set(bad), []
+    for i, (_, c, s) in enumerate(tqdm(items, desc="checking maps", leave=False, mininterval=1.0, disable=None)):
+        p = None if i in missing else unreadable_map(c, s)
+        if p:
+            broken.append((i, p))
+    if broken and not skip_missing:
+        raise UserError(f"condition map '{broken[0][1]}' cannot be read ({len(broken)} image(s) have such maps): "
+                        f"delete it and render it again with 'python 01_render_smpl.py conditions', or pass "
+                        f"--skip-missing-conditions to train without those images")
+    bad = sorted(bad + [i for i, _ in broken])
+    if bad and not skip_missing:
+        _, c, s = items[bad[0]]
+        raise UserError(f"condition maps missing for {len(bad)} of {len(items)} images (e.g. "
+                        f"'{cond_path(c, s, 'depth')}'): make them with 'python 01_render_smpl.py "
+                        f"conditions', or pass --skip-missing-conditions to train without those images")
+    if bad:
+        print(f"skipping {len(bad)} images without condition maps (e.g. '{items[bad[0]][0]}')")
+    bad = set(bad)
+    groups = [[i for i in g if i not in bad] for g in groups]
+    return [g for g in groups if len(g) >= 2]
 
 
 # -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ a hub id, the generator folders 02 writes and 03 reads, the Re-ID network with i
 set and feature extraction, and the DDP check that every rank holds the same weights.
 """
 import os
+import copy
 import json
 import contextlib
 import shutil
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import COND_KINDS, Generator, PoseGuider, sample_latents
-from util import UserError, atomic_write, load_json
+from common import COND_KINDS, Generator, PoseGuider, build_guiders, sample_latents
+from util import UserError, atomic_write, load_json, save_json
 
 # -----------------------------------------------------------------------------
 # the frozen VAE and CLIP image encoder
@@ -241,6 +242,23 @@ def save_generator(folder, gen):
     save_guiders(os.path.join(folder, "guiders.safetensors"), gen.guiders)
 
 
+def write_generator_files(args, schedule, sources, carries_frozen_parts, vae, enc, n_unreadable=0):
+    """The rest of the folder 02 writes (save_generator writes the trained parts): args.json (02's
+    settings, where the frozen parts come from, how many training images could not be read),
+    scheduler/, and vae/ + image_encoder/ when the generator owns them."""
+    from diffusers import DDPMScheduler
+    run_args = dict(vars(args), size=f"{args.size[1]}x{args.size[0]}", **sources)
+    run_args.update(size_hw=list(args.size), vae_factor=vae_factor(vae), conditions_kinds=list(COND_KINDS))
+    if n_unreadable:
+        run_args["unreadable_images"] = n_unreadable
+    save_json(os.path.join(args.out, "args.json"), run_args)
+    save_pretrained_atomic(DDPMScheduler.from_config(schedule), os.path.join(args.out, "scheduler"))
+    if carries_frozen_parts:
+        for sub, m in (("vae", vae), ("image_encoder", enc)):
+            if not os.path.isdir(os.path.join(args.out, sub)):
+                save_pretrained_atomic(m, os.path.join(args.out, sub))
+
+
 def load_generator(folder):
     """-> (Generator, vae, image_encoder, noise-schedule config, args dict) from a folder that
     02_train_generator.py wrote. The VAE / image encoder come from the folder when 02 trained or
@@ -263,6 +281,40 @@ def load_generator(folder):
                            what="image encoder"))
     schedule = dict(from_pretrained(DDPMScheduler, os.path.join(folder, "scheduler"), what="noise schedule").config)
     return gen, vae.eval().requires_grad_(False), enc.eval().requires_grad_(False), schedule, args
+
+
+def generator_from_pretrained(pretrained, image_encoder, encoder_subfolder=None, random_unets=False, seed=0):
+    """A new generator from SD-1.5 (paper 3.4): both U-Nets start from its U-Net, the pose guiders
+    at random; its VAE and the CLIP image encoder, frozen. random_unets: the U-Net's architecture
+    with random weights (Table 1's row (V)). -> (Generator, vae, image_encoder, noise-schedule
+    config, sources dict: where the frozen parts come from, for args.json)."""
+    from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler
+    from transformers import CLIPVisionModelWithProjection
+    if random_unets:
+        torch.manual_seed(seed + 9)
+        unet = UNet2DConditionModel.from_config(load_config(UNet2DConditionModel, pretrained, "unet"))
+    else:
+        unet = from_pretrained(UNet2DConditionModel, pretrained, "unet", what="pretrained weights")
+    vae = from_pretrained(AutoencoderKL, pretrained, "vae", what="pretrained weights")
+    sub = encoder_subfolder
+    if sub is None and not has_file(image_encoder, "config.json") and has_file(image_encoder, "image_encoder/config.json"):
+        sub = "image_encoder"  # e.g. lambdalabs/sd-image-variations-diffusers, a hub id or a local copy
+    enc = from_pretrained(CLIPVisionModelWithProjection, image_encoder, sub, what="image encoder")
+    if enc.config.projection_dim != unet.config.cross_attention_dim:
+        raise UserError(f"image encoder projection dim {enc.config.projection_dim} != U-Net cross_attention_dim "
+                        f"{unet.config.cross_attention_dim}: pick a matching image encoder")
+    if has_file(pretrained, "scheduler/scheduler_config.json"):  # the weights' own schedule
+        schedule = dict(from_pretrained(DDPMScheduler, pretrained, "scheduler", what="noise schedule").config)
+    else:
+        schedule = dict(SD15_SCHEDULE)
+        print(f"'{pretrained}' has no scheduler/: training with SD-1.5's noise schedule")
+    print(f"weights: {'random U-Nets of the architecture of' if random_unets else 'U-Net +'} VAE from "
+          f"'{pretrained}', image encoder from '{image_encoder}'")
+    ref = copy.deepcopy(unet)  # both U-Nets start from the same weights (paper 3.4)
+    torch.manual_seed(seed + 5)  # the guiders' random initialisation
+    gen = Generator(ref, unet, build_guiders(unet.conv_in.out_channels, vae_factor(vae)))
+    sources = dict(pretrained=pretrained, image_encoder=image_encoder, image_encoder_subfolder=sub)
+    return gen, vae.eval().requires_grad_(False), enc.eval().requires_grad_(False), schedule, sources
 
 
 def freeze_unused_reference(gen, latent_hw, cross_dim):

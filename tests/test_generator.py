@@ -623,7 +623,6 @@ def test_02_stage1_video_pairs_then_stage2_init(world, tmp_path, monkeypatch, ca
 
 
 def test_skip_missing_conditions_drops_images_and_small_groups(tmp_path):
-    s02 = load_stage("02_train_generator.py")
     cond = str(tmp_path / "c")
     items = [(f"img{i}.jpg", cond, f"s{i}") for i in range(5)]
     for i in (0, 1, 2, 4):  # s3 has no maps
@@ -631,9 +630,9 @@ def test_skip_missing_conditions_drops_images_and_small_groups(tmp_path):
             util.save_image(body.cond_path(cond, f"s{i}", k), np.zeros((8, 4), np.uint8))
     groups = [[0, 1], [2, 3], [3, 4, 0]]
     with pytest.raises(util.UserError, match="1 of 5 images.*s3.depth.png.*--skip-missing-conditions"):
-        s02.check_conditions(items, groups)
+        body.check_conditions(items, groups)
     # [2, 3] loses its partner and goes; [3, 4, 0] keeps the two with maps
-    assert s02.check_conditions(items, groups, skip_missing=True) == [[0, 1], [4, 0]]
+    assert body.check_conditions(items, groups, skip_missing=True) == [[0, 1], [4, 0]]
 
 
 def test_random_unets_keep_the_architecture_and_frozen_parts(world, tmp_path):
