@@ -305,6 +305,7 @@ def load_data(args, rank, world):
     transform = T.Compose(augment + [T.ConvertImageDtype(torch.float), normalize] if args.preload else
                           [T.Resize(args.size)] + augment + [T.ToTensor(), normalize])
     dataset = models.ImageDataset(train, transform, preload=args.size if args.preload else None)
+    dataset.unreadable = n_bad  # (args.json records it)
     return data["num_classes"], labels, is_aug, real, sampler, dataset, mixing
 
 
@@ -337,7 +338,8 @@ def main():
         print(f"{args.out} is already trained to step {start}; nothing to do")
         return
     if master:
-        util.save_json(os.path.join(args.out, "args.json"), dict(vars(args), size=f"{args.size[1]}x{args.size[0]}"))
+        unreadable = dict(unreadable_images=dataset.unreadable) if dataset.unreadable else {}  # (skipped, as 02, 05 do)
+        util.save_json(os.path.join(args.out, "args.json"), dict(vars(args), size=f"{args.size[1]}x{args.size[0]}", **unreadable))
         log = util.CsvLog(log_path, ["step", "loss", "triplet", "ce", "acc", "lr", "sec_per_step"], start)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_stream(sampler, start, real, labels, is_aug, args),

@@ -92,6 +92,8 @@ def main(argv=None):
                cmc=cmc.tolist(), num_query=len(query), num_gallery=len(gallery),
                num_valid_queries=scores["num_valid_queries"], num_skipped_queries=scores["num_skipped_queries"],
                seconds=round(time.time() - t0, 1))
+    if n_bad_q + n_bad_g:  # skipped (as 02, 04 do): this mAP is over the readable images only
+        row.update(unreadable_query=n_bad_q, unreadable_gallery=n_bad_g)
     util.save_json(os.path.join(results_dir, f"{name}.json"), row)
     table = os.path.join(results_dir, "results.md")
     header = "| name | test set | mAP | R1 | R5 | R10 | mINP |\n|---|---|---|---|---|---|---|\n"

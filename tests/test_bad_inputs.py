@@ -373,7 +373,8 @@ CASES = [
          lambda c: ["--data", market_with_bad(c, "bounding_box_train"), "--out", c.tmp / "reid", *TINY, "--steps", 0],
          "skipping unreadable image", code=0,
          check=lambda c, r: os.path.basename(c.victim) in r.stderr and "skipped 1 unreadable" in r.stdout
-         and os.path.isfile(c.tmp / "reid" / "model.pt")),
+         and os.path.isfile(c.tmp / "reid" / "model.pt")
+         and util.load_json(c.tmp / "reid" / "args.json")["unreadable_images"] == 1),
 ]
 
 # -----------------------------------------------------------------------------
@@ -399,7 +400,9 @@ CASES += [
     Case("05-no-cross-camera-match", "05_evaluate.py", lambda c: r05(c, "--test-root", c.f.onecam), "cannot evaluate"),
     Case("05-unreadable-query-skipped", "05_evaluate.py",
          lambda c: r05(c, "--test-root", market_with_bad(c, "query")), "skipping unreadable image", code=0,
-         check=lambda c, r: os.path.basename(c.victim) in r.stderr and "skipped 1 unreadable" in r.stdout),
+         check=lambda c, r: os.path.basename(c.victim) in r.stderr and "skipped 1 unreadable" in r.stdout
+         and [util.load_json(c.tmp / "results" / f).get("unreadable_query") for f in os.listdir(c.tmp / "results")
+              if f.endswith(".json")] == [1]),
 ]
 
 # -----------------------------------------------------------------------------
@@ -584,7 +587,8 @@ CASES += [
     Case("identity-workers-negative", "tools/identity_score.py", lambda c: rid(c, "--workers", -1), "--workers"),
     Case("identity-unreadable-train-image-skipped", "tools/identity_score.py",
          lambda c: swap(rid(c), "--data", market_with_bad(c, "bounding_box_train")), "skipping unreadable image", code=0,
-         check=lambda c, r: os.path.basename(c.victim) in r.stderr and "skipped 1 unreadable" in r.stdout),
+         check=lambda c, r: os.path.basename(c.victim) in r.stderr and "skipped 1 unreadable" in r.stdout
+         and util.load_json(c.tmp / "identity.json")["unreadable_train_images"] == 1),
 ]
 
 # -----------------------------------------------------------------------------
