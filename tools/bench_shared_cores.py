@@ -23,7 +23,10 @@ import subprocess
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import util  # noqa: E402
 
-POLICIES = {"default": None, "PASSIVE": "PASSIVE"}
+# libgomp (torch's OpenMP on Linux): an idle thread spins GOMP_SPINCOUNT times before it sleeps;
+# 300,000 by default, 0 with OMP_WAIT_POLICY=PASSIVE
+POLICIES = {"default": {}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin1k": {"GOMP_SPINCOUNT": "1000"},
+            "spin10k": {"GOMP_SPINCOUNT": "10000"}, "spin100k": {"GOMP_SPINCOUNT": "100000"}}
 CASES = ("generator", "reid")
 
 
@@ -46,10 +49,8 @@ def worker(case, steps, threads):
 
 
 def measure(case, policy, shared, steps, threads):
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if POLICIES[policy]:
-        env["OMP_WAIT_POLICY"] = POLICIES[policy]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(POLICIES[policy])
     competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if shared else None
     try:
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", case, "--steps", str(steps),
@@ -68,18 +69,24 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="alone / shared alternations per case and policy")
     p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the timed step")
+    p.add_argument("--policies", default="default,PASSIVE", help=f"comma-separated, of {', '.join(POLICIES)}")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     p.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)  # (the child process's mode)
     args = p.parse_args()
     if args.worker:
         return worker(args.worker, args.steps, args.threads)
     if min(args.rounds, args.steps, args.threads) < 1:
         raise util.UserError("--rounds, --steps and --threads must be at least 1")
+    policies, cases = args.policies.split(","), args.cases.split(",")
+    for name, known in ((policies, POLICIES), (cases, CASES)):
+        if set(name) - set(known):
+            raise util.UserError(f"unknown {', '.join(sorted(set(name) - set(known)))}: choose from {', '.join(known)}")
     print(f"{os.cpu_count()} cores, {args.threads} torch thread(s), one competing busy process; "
           f"{args.rounds} rounds x {args.steps} steps")
     print(f"{'step':10s} {'wait policy':12s} {'alone ms':>9s} {'shared ms':>10s} {'shared/alone':>13s}")
     rows = []
-    for case in CASES:
-        for policy in POLICIES:
+    for case in cases:
+        for policy in policies:
             t = {False: [], True: []}
             for _ in range(args.rounds):
                 for shared in (False, True):
