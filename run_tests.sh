@@ -6,4 +6,5 @@ cd "$(dirname "$0")"
 source ./setup.sh
 set -euo pipefail
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_VISIBLE_DEVICES=""
-python -m pytest -q --durations=15 "$@"   # pytest.ini: testpaths = tests, a timeout per test
+# two worker processes, each taking whole test files (their module fixtures are built once)
+python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"   # pytest.ini: testpaths = tests, a timeout per test
