@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import util
 from util import parse_size
-from body import (load_body, body_forward, fit_camera, scale_camera, load_params, procedural_poses,
+from body import (load_body, body_chunks, body_forward, fit_camera, scale_camera, load_params, procedural_poses,
                   Renderer, condition_maps, write_maps, COND_KINDS, cond_path)
 
 # -----------------------------------------------------------------------------
@@ -155,16 +155,13 @@ def make_targets(args):
           f"{size[1]}x{size[0]}) to {args.out}/targets.csv, params.npz, maps/ in {time.time() - t0:.1f} s")
 
 
-def pose_joints(model, body_pose, chunk=256):
+def pose_joints(model, body_pose):
     """(N, 69) body poses -> (N, 72) joint positions: neutral shape, no root rotation, root joint
-    at the origin (what the distance between two poses is measured on). In chunks: the mesh of
-    every training pose at once would be ~5 GB at Market-1501's 12,936."""
-    out = []
-    for s in range(0, len(body_pose), chunk):
-        n = len(body_pose[s:s + chunk])
-        joints = body_forward(model, np.zeros((n, 10)), np.zeros((n, 3)), body_pose[s:s + chunk])[1][:, :24]
-        out.append((joints - joints[:, :1]).reshape(n, -1))
-    return np.concatenate(out) if out else np.zeros((0, 72))
+    at the origin (what the distance between two poses is measured on). A chunk of meshes at a
+    time: all at once would be ~5 GB at Market-1501's 12,936 training poses."""
+    n = len(body_pose)
+    joints = [j[:, :24] for _, j in body_chunks(model, np.zeros((n, 10)), np.zeros((n, 3)), body_pose)]
+    return np.concatenate([j - j[:, :1] for j in joints]).reshape(n, -1) if n else np.zeros((0, 72))
 
 
 def farthest_poses(candidates, avoid, n):
@@ -231,20 +228,16 @@ def make_conditions(args):
             out = os.path.join(args.out, split)
             todo = [i for i, stem in enumerate(names) if args.overwrite or
                     not all(os.path.exists(cond_path(out, stem, k)) for k in COND_KINDS)]
-            bar = tqdm(total=len(todo), desc=f"conditions {split}", unit="img")
-            for c in range(0, len(todo), 256):  # meshes a chunk at a time: all at once is ~3.5 GB on Market-1501
-                chunk = todo[c:c + 256]
-                verts, joints = body_forward(model, params["betas"][chunk], params["global_orient"][chunk],
-                                             params["body_pose"][chunk])
-                for i, v, jt in zip(chunk, verts, joints):
-                    stored = tuple(int(x) for x in params["image_size"][i])
-                    size = parse_size(args.size) if args.size else stored
-                    K = scale_camera(params["K"][i], stored, size)
-                    maps, _ = condition_maps(ren, v, jt, K, params["R"][i].astype(np.float64),
-                                             params["t"][i].astype(np.float64), size)
-                    write_maps(out, names[i], maps)
-                    bar.update()
-            bar.close()
+            # the meshes a chunk at a time: all at once would be ~3.5 GB on Market-1501
+            bodies = (b for v, j in body_chunks(model, params["betas"][todo], params["global_orient"][todo],
+                                                params["body_pose"][todo]) for b in zip(v, j))
+            for i, (v, jt) in tqdm(zip(todo, bodies), total=len(todo), desc=f"conditions {split}", unit="img"):
+                stored = tuple(int(x) for x in params["image_size"][i])
+                size = parse_size(args.size) if args.size else stored
+                K = scale_camera(params["K"][i], stored, size)
+                maps, _ = condition_maps(ren, v, jt, K, params["R"][i].astype(np.float64),
+                                         params["t"][i].astype(np.float64), size)
+                write_maps(out, names[i], maps)
             total += len(todo)
             print(f"read {smpl_dir}/{split}.npz ({len(names)} images); wrote {len(todo)} map sets to {out} "
                   f"({len(names) - len(todo)} existed)")

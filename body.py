@@ -252,17 +252,20 @@ def load_body(path=None, extra=None):
     return model.eval()
 
 
+def body_chunks(model, betas, global_orient, body_pose, chunk=256):
+    """SMPL forward a chunk of bodies at a time (numpy in, numpy out): yields vertices (n,V,3),
+    joints (n,45,3), so that a caller over thousands of bodies need not hold every mesh at once."""
+    for s in range(0, len(body_pose), chunk):
+        f = lambda a: torch.as_tensor(np.asarray(a[s:s + chunk]), dtype=torch.float32)
+        with torch.no_grad():
+            o = model(betas=f(betas)[:, :model.num_betas], global_orient=f(global_orient), body_pose=f(body_pose)[:, :69])
+        yield o.vertices.numpy(), o.joints.numpy()
+
+
 def body_forward(model, betas, global_orient, body_pose, chunk=256):
     """Batched SMPL forward (numpy in, numpy out): vertices (N,V,3), joints (N,45,3)."""
-    V, J = [], []
-    nb = model.num_betas
-    with torch.no_grad():
-        for s in range(0, len(body_pose), chunk):
-            f = lambda a: torch.as_tensor(np.asarray(a[s:s + chunk]), dtype=torch.float32)
-            o = model(betas=f(betas)[:, :nb], global_orient=f(global_orient), body_pose=f(body_pose)[:, :69])
-            V.append(o.vertices.numpy())
-            J.append(o.joints.numpy())
-    return np.concatenate(V), np.concatenate(J)
+    parts = list(body_chunks(model, betas, global_orient, body_pose, chunk))
+    return np.concatenate([v for v, _ in parts]), np.concatenate([j for _, j in parts])
 
 
 def openpose18(joints):

@@ -94,8 +94,8 @@ def test_dry_run_prints_the_forecast_of_its_own_settings(tmp_path):
     """run_all.sh --dry-run on real data prints the forecast (as '# ' comments, so the output stays a
     list of commands) for the settings it was given: rows, seeds, steps, the dance-video frames."""
     (tmp_path / "market" / "bounding_box_train").mkdir(parents=True)
+    (tmp_path / "dance" / "vid").mkdir(parents=True)
     for n in range(3):
-        (tmp_path / "dance" / "vid").mkdir(parents=True, exist_ok=True)
         (tmp_path / "dance" / "vid" / f"{n:04d}.jpg").write_bytes(b"")
     r = subprocess.run(["bash", "run_all.sh", "market1501", "--data-root", str(tmp_path / "market"), "--dry-run",
                         "--tables", "--seeds", "0 1 2", "--reid-steps", "1000", "--pose-videos", str(tmp_path / "dance")],

@@ -22,7 +22,10 @@ FIGURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 class UserError(Exception):
-    """Bad input: main() prints it as one 'error:' line and exits 2, as every stage script does."""
+    """Bad input: main() prints it as one 'error:' line and exits 2, as every stage script does
+    (util.UserError's twin: util imports numpy, which a dry run may not have)."""
+
+
 SWEEP = (3500, 7000, 14000, 21000, 28000, 35000, 42000, 56000)  # run_all.sh's Table 2 counts
 
 
@@ -62,7 +65,7 @@ def parse_args(argv=None):
             raise UserError(f"--added {args.added}: must be at least 1")
     if not os.path.isfile(args.figures):
         raise UserError(f"figures file '{args.figures}' not found (docs/forecast.json; tools/rehearse.py "
-                             f"measures its 'measured' part)")
+                        f"measures its 'measured' part)")
     return args
 
 
