@@ -83,8 +83,7 @@ def main():
     same = models.ranks_weight_difference(model)
     util.save_json(os.path.join(out, f"rank{rank}.json"), dict(rank=rank, world=world, checked=n_checked,
                      max_rel_err_vs_mean_of_local=mean_err, local_grads_differ=differ, weight_difference=same))
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    util.run_main(main)  # as the stages end: the process group torn down after main() returns
