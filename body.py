@@ -520,6 +520,10 @@ class Renderer:
     with a live OSMesa renderer segfaults."""
 
     def __init__(self, faces):
+        try:  # Mesa (OSMesa's llvmpipe) and triton each bring an LLVM: triton loaded after Mesa segfaults,
+            import triton  # noqa: F401  and torch._dynamo loads it (transformers' models do), so it goes first
+        except Exception:
+            pass  # no triton (a CPU-only torch build): nothing to clash with
         try:
             import pyrender
             from pyrender.shader_program import ShaderProgram

@@ -16,8 +16,6 @@ from PIL import Image
 
 from stages import ROOT  # noqa: E402  (puts the repository root on sys.path)
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
-# transformers' CLIP imports torch._dynamo, which loads triton: doing that after a test has rendered
-# in this process (OSMesa) segfaults, so it is imported here, before anything renders
 from transformers import CLIPVisionModelWithProjection  # noqa: E402
 import common  # noqa: E402
 import util  # noqa: E402

@@ -266,6 +266,18 @@ def test_no_opengl_backend_names_the_package(tmp_path):
     assert p.returncode == 2 and "libosmesa6" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_torch_dynamo_loads_after_rendering():
+    """A process that renders and then builds a transformers model (01b's ViTPose, the corpus's CLIP):
+    torch._dynamo loads triton, whose LLVM segfaulted when Mesa's was loaded first."""
+    code = ("import numpy as np, body; r = body.Renderer(np.array([[0, 2, 1]]));"  # (wound to face the camera)
+            "rgb, z = r.render(np.array([[0, 0, 1], [1, 0, 1], [0, 1, 1.]]), np.array([[8., 0, 8], [0, 8, 8], [0, 0, 1]]),"
+            " np.eye(3), np.zeros(3), (16, 16)); import torch._dynamo; r.delete(); print(int((z > 0).sum()))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 20 < int(p.stdout.split()[-1]) < 40  # the triangle (8 x 8 px / 2) was drawn
+
+
 def test_viewpoint_and_pose_sources():
     rng = np.random.default_rng(6)
     e, a = r01.sample_views(rng, 4000, "uniform")
