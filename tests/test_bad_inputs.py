@@ -765,6 +765,9 @@ CASES += [
          "one row per name"),
     Case("01b-import-body-pose-shape", "01b_estimate_smpl.py", lambda c: import_01b(c, body_pose=np.zeros((2, 60))),
          "body_pose"),
+    Case("tiny-hub-vitpose-size-not-16s", "tools/tiny_hub.py", lambda c: ["--out", c.tmp / "hf", "--vitpose-size", "100x50"],
+         "--vitpose-size"),
+    Case("tiny-hub-out-is-a-file", "tools/tiny_hub.py", lambda c: ["--out", c.file("hf")], "is a file"),
 ]
 
 def visible_lines(stderr):

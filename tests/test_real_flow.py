@@ -21,51 +21,22 @@ import torch
 
 from stages import ROOT  # noqa: E402  (puts the repository root on sys.path)
 import util  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import tiny_hub  # noqa: E402
+from tiny_hub import SD15, ENCODER  # noqa: E402  (run_all.sh's defaults)
 
-SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the hub cache names snapshots
 # the tiny SD repo's own noise schedule differs from SD-1.5's, so a run that fell back to the
 # built-in values would show
 OWN_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.001, beta_end=0.02, beta_schedule="linear",
                     prediction_type="epsilon", clip_sample=False, steps_offset=1)
-SD15, ENCODER = "stable-diffusion-v1-5/stable-diffusion-v1-5", "lambdalabs/sd-image-variations-diffusers"  # the defaults
-
-
-def hub_repo(home, repo_id):
-    """The folder a hub repo's files sit in inside an HF cache: hub/models--org--name/snapshots/<hash>/."""
-    d = os.path.join(home, "hub", "models--" + repo_id.replace("/", "--"))
-    os.makedirs(os.path.join(d, "refs"), exist_ok=True)
-    with open(os.path.join(d, "refs", "main"), "w") as f:
-        f.write(SNAPSHOT)
-    return os.path.join(d, "snapshots", SNAPSHOT)
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    """HF_HOME with tiny weights under run_all.sh's default ids: SD-1.5 (unet/ vae/ scheduler/), the
-    image-variations repo (image_encoder/) and a COCO-17 ViTPose under 01b's default id."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection, VitPoseBackboneConfig, VitPoseConfig,
-                              VitPoseForPoseEstimation, VitPoseImageProcessor)
-    home = str(tmp_path_factory.mktemp("hf"))
-    torch.manual_seed(0)
-    sd = hub_repo(home, SD15)
-    UNet2DConditionModel(sample_size=(16, 8), layers_per_block=1, block_out_channels=(16, 32),
-                         down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
-                         cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8).save_pretrained(f"{sd}/unet")
-    AutoencoderKL(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
-                  norm_num_groups=4, sample_size=64).save_pretrained(f"{sd}/vae")  # factor 8, like SD's
-    DDPMScheduler.from_config(OWN_SCHEDULE).save_pretrained(f"{sd}/scheduler")
-    enc = hub_repo(home, ENCODER)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, image_size=16, patch_size=8,
-                                                   projection_dim=16)).save_pretrained(f"{enc}/image_encoder")
-    vp = hub_repo(home, "usyd-community/vitpose-base-simple")
-    bb = VitPoseBackboneConfig(image_size=[64, 48], patch_size=[16, 16], hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, mlp_ratio=2, out_indices=[2])
-    VitPoseForPoseEstimation(VitPoseConfig(backbone_config=bb, num_labels=17)).save_pretrained(vp)
-    VitPoseImageProcessor(size={"height": 64, "width": 48}).save_pretrained(vp)
-    return dict(home=home, sd=sd, enc=enc)
+    """HF_HOME with tiny weights under run_all.sh's default ids (tools/tiny_hub.py): SD-1.5 (unet/ vae/
+    scheduler/, its own schedule), the image-variations repo (image_encoder/) and a COCO-17 ViTPose
+    under 01b's default id (a small 64x48 input, for speed)."""
+    return tiny_hub.build(str(tmp_path_factory.mktemp("hf")), schedule=OWN_SCHEDULE, vitpose_size=(64, 48))
 
 
 def env(hub):

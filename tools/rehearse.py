@@ -8,9 +8,9 @@ figures into GPU hours (docs/forecast.md).
   python tools/rehearse.py --work /tmp/rehearse --out docs/forecast.json   # ~30 min on 2 shared cores
 
 What it builds under --work (reused when there):
-  hf/       a Hugging Face cache with tiny random weights under run_all.sh's default hub ids (the
-            recipes of tests/test_real_flow.py's hub fixture; ViTPose's processor at its real
-            256x192 input, so the per-image preprocessing is the real one), HF_HUB_OFFLINE=1
+  hf/       a Hugging Face cache with tiny random weights under run_all.sh's default hub ids
+            (tools/tiny_hub.py; ViTPose's processor at its real 256x192 input, so the per-image
+            preprocessing is the real one), HF_HUB_OFFLINE=1
   pool/     450 person crops rendered by demo/world.py --smoke (50 people)
   Market-1501-v15.09.15/   the full layout by reuse: 751 ids / 12,936 train, 3,368 query, 19,732
             gallery files (15,913 scored + 3,819 junk '-1'; 2,793 of the scored are distractors
@@ -41,10 +41,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import util  # noqa: E402
-
-SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the hub cache names snapshots
-SD15, ENCODER = "stable-diffusion-v1-5/stable-diffusion-v1-5", "lambdalabs/sd-image-variations-diffusers"
-VITPOSE = "usyd-community/vitpose-base-simple"
+import tiny_hub  # noqa: E402  (this script's folder is on sys.path)
+from tiny_hub import SD15, ENCODER, VITPOSE  # noqa: E402
 TRAIN, QUERY, GALLERY = (util.SPLIT_DIRS[k] for k in ("train", "query", "gallery"))
 # Market-1501-v15.09.15: train ids / images, query, scored gallery (util.EXPECTED), and inside the
 # gallery folder the junk (-1, not scored) and distractor (0000) images; 1,501 ids in all
@@ -59,47 +57,6 @@ def load_stage(filename):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-# -----------------------------------------------------------------------------
-# tiny weights in a hub cache (tests/test_real_flow.py's recipes)
-
-
-def hub_repo(home, repo_id):
-    d = os.path.join(home, "hub", "models--" + repo_id.replace("/", "--"))
-    os.makedirs(os.path.join(d, "refs"), exist_ok=True)
-    with open(os.path.join(d, "refs", "main"), "w") as f:
-        f.write(SNAPSHOT)
-    return os.path.join(d, "snapshots", SNAPSHOT)
-
-
-def build_hub(home):
-    if os.path.isfile(os.path.join(home, "done")):
-        return
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection, VitPoseBackboneConfig, VitPoseConfig,
-                              VitPoseForPoseEstimation, VitPoseImageProcessor)
-    torch.manual_seed(0)
-    sd = hub_repo(home, SD15)
-    UNet2DConditionModel(sample_size=(16, 8), layers_per_block=1, block_out_channels=(16, 32),
-                         down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
-                         cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8).save_pretrained(f"{sd}/unet")
-    AutoencoderKL(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
-                  norm_num_groups=4, sample_size=64).save_pretrained(f"{sd}/vae")
-    DDPMScheduler.from_config(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                   beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
-                                   steps_offset=1)).save_pretrained(f"{sd}/scheduler")
-    enc = hub_repo(home, ENCODER)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, image_size=16, patch_size=8,
-                                                   projection_dim=16)).save_pretrained(f"{enc}/image_encoder")
-    vp = hub_repo(home, VITPOSE)  # ViTPose-B's real input (256x192), a tiny backbone
-    bb = VitPoseBackboneConfig(image_size=[256, 192], patch_size=[16, 16], hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, mlp_ratio=2, out_indices=[2])
-    VitPoseForPoseEstimation(VitPoseConfig(backbone_config=bb, num_labels=17)).save_pretrained(vp)
-    VitPoseImageProcessor(size={"height": 256, "width": 192}).save_pretrained(vp)
-    open(os.path.join(home, "done"), "w").close()
 
 # -----------------------------------------------------------------------------
 # the data set: Market-1501's layout and counts, every image a copy of a rendered pool crop
@@ -346,7 +303,9 @@ def main():
     t_start = time.time()
 
     print("tiny weights, the pool, the Market-1501 layout", flush=True)
-    build_hub(hf)
+    if not os.path.isfile(os.path.join(hf, "done")):  # ViTPose's processor at its real input, 256x192
+        tiny_hub.build(hf)
+        open(os.path.join(hf, "done"), "w").close()
     if not os.path.isfile(os.path.join(pool, "identities.json")):
         timer.run("pool_world", [py, "demo/world.py", "--out", pool, "--smoke", "--workers", "1"])
     people = pool_people(pool)
