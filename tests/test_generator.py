@@ -293,7 +293,8 @@ def train_args(w, out, steps, *extra):
 
 
 def read_ckpt(out):
-    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    """02's checkpoint, read as 02 reads it on resume: weights_only (loading it runs no code from it)."""
+    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
