@@ -259,13 +259,11 @@ FREE_TO_CHANGE = ("steps", "save_every", "log_every", "workers", "device", "thre
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "num_classes", "rank_rngs")  # what save_checkpoint writes
 
 
-def resume(path, args, model, optimizer, num_classes, rank):
-    """-> (the step the checkpoint at path reached, this rank's RNG state to restore), (0, None)
-    without one; weights and optimiser restored."""
-    if not os.path.exists(path):
+def resume(ck, path, model, optimizer, num_classes, rank):
+    """ck: the checkpoint read from path (util.load_checkpoint), or None. -> (the step it reached,
+    this rank's RNG state to restore), (0, None) without one; weights and optimiser restored."""
+    if ck is None:
         return 0, None
-    ck = util.load_checkpoint(path, args, keep=FREE_TO_CHANGE, restore_rng=False, need=CHECKPOINT_KEYS,
-                              writer="04_train_reid.py")
     if ck["num_classes"] != num_classes:
         raise UserError(f"checkpoint '{path}' was trained on {ck['num_classes']} identities, the data has "
                         f"{num_classes}: use another --out or delete the checkpoint")
@@ -319,9 +317,9 @@ def main():
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     ckpt_path, log_path, out = (os.path.join(args.out, f) for f in ("checkpoint.pt", "log.csv", "model.pt"))
-    if os.path.exists(ckpt_path):  # a rerun with other settings stops here, before the data are read
-        util.load_checkpoint(ckpt_path, args, keep=FREE_TO_CHANGE, restore_rng=False, need=CHECKPOINT_KEYS,
-                             writer="04_train_reid.py")
+    ck = util.load_checkpoint(ckpt_path, args, keep=FREE_TO_CHANGE, restore_rng=False, need=CHECKPOINT_KEYS,
+                              writer="04_train_reid.py") if os.path.exists(ckpt_path) else None
+    # (a rerun with other settings has stopped there, before the data are read)
     num_classes, labels, is_aug, real, sampler, dataset, mixing = load_data(args, rank, world)
 
     # model, optimiser, resume
@@ -333,7 +331,8 @@ def main():
         dict(params=[q for q in [*model.neck.parameters(), *model.classifier.parameters()] if q.requires_grad],
              lr=base_lrs[1]),
     ], weight_decay=args.weight_decay, fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
-    start, rng = resume(ckpt_path, args, model, optimizer, num_classes, rank)
+    start, rng = resume(ck, ckpt_path, model, optimizer, num_classes, rank)
+    del ck  # (its tensors are in the model and optimiser now)
     if start >= args.steps and os.path.exists(out):
         print(f"{args.out} is already trained to step {start}; nothing to do")
         return
