@@ -317,9 +317,9 @@ def main():
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     ckpt_path, log_path, out = (os.path.join(args.out, f) for f in ("checkpoint.pt", "log.csv", "model.pt"))
+    # a rerun with other settings stops here, before the data are read
     ck = util.load_checkpoint(ckpt_path, args, keep=FREE_TO_CHANGE, restore_rng=False, need=CHECKPOINT_KEYS,
                               writer="04_train_reid.py") if os.path.exists(ckpt_path) else None
-    # (a rerun with other settings has stopped there, before the data are read)
     num_classes, labels, is_aug, real, sampler, dataset, mixing = load_data(args, rank, world)
 
     # model, optimiser, resume

@@ -520,10 +520,12 @@ class Renderer:
     with a live OSMesa renderer segfaults."""
 
     def __init__(self, faces):
-        try:  # Mesa (OSMesa's llvmpipe) and triton each bring an LLVM: triton loaded after Mesa segfaults,
-            import triton  # noqa: F401  and torch._dynamo loads it (transformers' models do), so it goes first
-        except Exception:
-            pass  # no triton (a CPU-only torch build): nothing to clash with
+        # Mesa (OSMesa's llvmpipe) and triton each bring their own LLVM, and triton loaded after Mesa
+        # segfaults; torch._dynamo loads triton (transformers' models do), so triton goes first
+        try:
+            import triton  # noqa: F401
+        except Exception:  # no triton (a CPU-only torch build): nothing to clash with
+            pass
         try:
             import pyrender
             from pyrender.shader_program import ShaderProgram
