@@ -9,7 +9,7 @@ real code on a machine that cannot reach the hub. The tests and tools/rehearse.p
 
   SD-1.5 (unet/ vae/ scheduler/): a 2-level U-Net, a VAE with SD's factor 8, SD-1.5's noise schedule
   the image-variations repo (image_encoder/): a one-layer CLIP vision model
-  ViTPose (COCO-17): a 2-layer backbone; its processor at --vitpose-size (the real 256x192 by default)
+  ViTPose (COCO-17): a 2-layer backbone; its input at --vitpose-size (the real model's 192x256 by default)
 """
 import os
 import sys
@@ -35,7 +35,8 @@ def hub_repo(home, repo_id):
 
 
 def build(home, schedule=SD15_SCHEDULE, vitpose_size=(256, 192)):
-    """Write the three repos under home (seeded: the same weights every time).
+    """Write the three repos under home (seeded: the same weights every time); vitpose_size is
+    (height, width).
     -> dict(home, sd, enc, vitpose) of their snapshot folders."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -65,11 +66,12 @@ def build(home, schedule=SD15_SCHEDULE, vitpose_size=(256, 192)):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="the folder to use as HF_HOME")
-    ap.add_argument("--vitpose-size", default="256x192", help="HxW of ViTPose's input (the real model's: 256x192)")
+    ap.add_argument("--vitpose-size", default="192x256", help="WxH of ViTPose's input, as every --size "
+                    "(the real model's: 192x256); multiples of its 16-pixel patches")
     args = ap.parse_args(argv)
-    size = tuple(int(v) for v in args.vitpose_size.lower().split("x") if v.isdigit())
-    if len(size) != 2 or min(size) < 16 or any(v % 16 for v in size):
-        raise util.UserError(f"--vitpose-size '{args.vitpose_size}' is not HxW in multiples of 16 (e.g. 256x192)")
+    size = util.parse_size(args.vitpose_size, "--vitpose-size")
+    if any(v % 16 for v in size):
+        raise util.UserError(f"--vitpose-size {args.vitpose_size}: width and height must be multiples of 16 (e.g. 192x256)")
     util.check_output_dir(args.out)
     paths = build(args.out, vitpose_size=size)
     print(f"wrote tiny weights under {args.out}: {SD15}, {ENCODER}, {VITPOSE}; use HF_HOME={args.out} HF_HUB_OFFLINE=1")
